@@ -1,0 +1,132 @@
+"""manifest.json of a model bundle, format_version 1.
+
+<bundle>/
+  manifest.json
+  model.onnx           fp32, always present
+  model.fp16.onnx      optional (GPU)
+  model.int8.onnx      optional (CPU, dynamic quantisation)
+  tokenizer.json       Hugging Face `tokenizers` format
+"""
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+VARIANT_FILES: dict[str, str] = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+VariantName = Literal["fp32", "fp16", "int8"]
+
+
+class BundleError(Exception):
+    """A bundle that must not be served; the message is one line naming the file at fault."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are refused so that a typo in a hand-edited manifest is caught, not ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Architecture(_Strict):
+    kind: str = "bert-prenorm-glu"
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    parameter_count: int = Field(gt=0)
+
+
+class EmbeddingSpec(_Strict):
+    dim: int = Field(gt=0)
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True  # whether /embed normalises by default
+    matryoshka_dims: list[int] = Field(default_factory=list)  # dims trained to be truncated to
+
+
+class ClassifierSpec(_Strict):
+    labels: list[str] = Field(min_length=1)  # in logit order
+    multi_label: bool = False
+
+
+class VariantSpec(_Strict):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # Figures measured at export time against the PyTorch model (or fp32 ONNX for fp16/int8),
+    # e.g. {"max_abs_diff": 2e-6, "min_cosine": 0.9991, "accuracy": 0.71}.
+    parity: dict[str, float] = Field(default_factory=dict)
+    fusions: list[str] = Field(default_factory=list)  # graph fusions applied to this file
+
+
+class Manifest(_Strict):
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    architecture: Architecture
+    max_seq_len: int = Field(gt=0)
+    embedding: EmbeddingSpec
+    classifier: ClassifierSpec | None = None
+    variants: dict[VariantName, VariantSpec]
+    tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    source: str = "encoder"  # "encoder" (trained here) or "import-hf:<dir name>"
+    training: dict[str, Any] = Field(default_factory=dict)  # training/eval summary
+
+    @model_validator(mode="after")
+    def _fp32_present(self) -> "Manifest":
+        if "fp32" not in self.variants:
+            raise ValueError("variants must include fp32")
+        for name, spec in self.variants.items():
+            if spec.file != VARIANT_FILES[name]:
+                raise ValueError(f"variant {name} must be stored as {VARIANT_FILES[name]}, not {spec.file}")
+        return self
+
+    def write(self, bundle_dir: Path) -> Path:
+        path = Path(bundle_dir) / MANIFEST_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(bundle_dir: Path) -> Manifest:
+    """Parse and validate manifest.json; raises BundleError with a one-line message."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{path}: manifest not found (is {bundle_dir} a model bundle?)")
+    try:
+        return Manifest.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "<root>"
+        raise BundleError(f"{path}: schema mismatch at {where}: {first['msg']}") from None
+
+
+def verify_bundle(bundle_dir: Path, variants: list[str] | None = None) -> Manifest:
+    """Load the manifest and check the sha256 of the tokenizer and of the given (default: all) variants."""
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
+    checks = [(bundle_dir / TOKENIZER_FILE, manifest.tokenizer_sha256)]
+    for name, spec in manifest.variants.items():
+        if variants is None or name in variants:
+            checks.append((bundle_dir / spec.file, spec.sha256))
+    for path, expected in checks:
+        if not path.is_file():
+            raise BundleError(f"{path}: missing file listed in the manifest")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise BundleError(f"{path}: sha256 mismatch (manifest {expected[:12]}…, file {actual[:12]}…)")
+    return manifest
