@@ -32,8 +32,12 @@ test: $(BIN)/encoder system-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
+# Docker cannot build on the development machine: the deployment files are kept correct by their linters.
 lint: $(BIN)/encoder system-deps
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+	for profile in gpu cpu scale; do docker-compose --profile $$profile config --quiet || exit 1; done
+	promtool check config deploy/prometheus.yml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,81 @@
+# syntax=docker/dockerfile:1
+#
+# Runtime images of the encoder service. Neither contains torch: they install the project's base
+# dependencies plus the `gpu` or `cpu` extra (pyproject.toml) and nothing from `train`.
+#
+#   docker build --target gpu -t encoder-service:gpu .   # CUDA 12 + cuDNN 9 + onnxruntime-gpu
+#   docker build --target cpu -t encoder-service:cpu .   # python:3.11-slim + onnxruntime
+#
+# The model bundle is not baked in: mount it read-only at /models/default (ENCODER_BUNDLE), e.g.
+#   docker run --rm -p 8000:8000 -v "$PWD/bundles/default:/models/default:ro" encoder-service:cpu
+# Every ENCODER_* setting (DESIGN.md §7) can be passed with -e; extra flags go after the image name.
+
+# ---- wheel: the project as one pure-Python wheel, so the runtime stages never see the sources.
+FROM python:3.11-slim-bookworm AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md encoder_cli.py ./
+COPY bundle/ bundle/
+COPY model/ model/
+COPY export/ export/
+COPY service/ service/
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# ---- gpu: NVIDIA's runtime base already carries the CUDA 12 and cuDNN 9 libraries that the
+# PyPI onnxruntime-gpu wheel (built for CUDA 12.x / cuDNN 9.x) loads at session creation.
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS gpu
+# Ubuntu's python3 packages are version-pinned by the base image tag; pinning each one again
+# would break the build at every Ubuntu security update.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+COPY --from=wheel /wheels /wheels
+# The find_spec check fails the build if any dependency ever drags torch in.
+RUN python3 -m venv "$VIRTUAL_ENV" \
+    && pip install --no-cache-dir "$(ls /wheels/encoder_service-*.whl)[gpu]" \
+    && rm -rf /wheels \
+    && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
+    && encoder serve --help > /dev/null
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin encoder \
+    && mkdir -p /models \
+    && chown encoder /models
+USER 10001
+ENV ENCODER_BUNDLE=/models/default \
+    ENCODER_HOST=0.0.0.0 \
+    ENCODER_PORT=8000 \
+    ENCODER_PROVIDER=cuda
+EXPOSE 8000
+# /ready (not /health) so that the orchestrator only routes to a replica whose model is loaded and
+# warmed up, and stops routing to it while it drains on shutdown.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('ENCODER_PORT', '8000')}/ready\", timeout=2)"]
+ENTRYPOINT ["encoder", "serve"]
+
+# ---- cpu: a slim Python base and the CPU build of ONNX Runtime.
+FROM python:3.11-slim-bookworm AS cpu
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+COPY --from=wheel /wheels /wheels
+RUN python -m venv "$VIRTUAL_ENV" \
+    && pip install --no-cache-dir "$(ls /wheels/encoder_service-*.whl)[cpu]" \
+    && rm -rf /wheels \
+    && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
+    && encoder serve --help > /dev/null
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin encoder \
+    && mkdir -p /models \
+    && chown encoder /models
+USER 10001
+ENV ENCODER_BUNDLE=/models/default \
+    ENCODER_HOST=0.0.0.0 \
+    ENCODER_PORT=8000 \
+    ENCODER_PROVIDER=cpu
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('ENCODER_PORT', '8000')}/ready\", timeout=2)"]
+ENTRYPOINT ["encoder", "serve"]

@@ -1,0 +1,171 @@
+"""Build a model bundle (DESIGN.md §2) from an exportable source, all gates first, then one rename.
+
+The bundle is assembled in a temporary directory next to the destination; only when every variant
+has passed its parity gate are the manifest and checksums written and the directory renamed into
+place, so a bundle that is not faithful to the model is never visible at the destination.
+"""
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from bundle.manifest import (
+    TOKENIZER_FILE,
+    VARIANT_FILES,
+    Architecture,
+    ClassifierSpec,
+    EmbeddingSpec,
+    Manifest,
+    VariantSpec,
+    file_sha256,
+    verify_bundle,
+)
+from encoder_cli import CommandError
+from export import parity
+from export.onnx_graph import export_onnx
+from export.variants import convert_fp16, fuse_for_ort, quantize_int8
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ExportSource:
+    """What the writer needs, whether the model was trained here (a RUN) or imported (import-hf)."""
+
+    module: torch.nn.Module  # forward(input_ids, attention_mask) -> (embedding,) or (embedding, logits)
+    tokenizer: Tokenizer  # truncation at max_seq_len, no padding: the service pads itself
+    name: str
+    max_seq_len: int
+    architecture: Architecture
+    embedding: EmbeddingSpec
+    classifier: ClassifierSpec | None = None
+    source: str = "encoder"
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportOptions:
+    variants: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    version: str = "1"
+    fuse: bool = False  # replace model.onnx by the ORT-fused graph (still gated against PyTorch)
+    eval_data: parity.EvalData | None = None
+    thresholds: parity.ParityThresholds = field(default_factory=parity.ParityThresholds)
+    force: bool = False  # replace an existing bundle at the destination
+
+
+def write_bundle(source: ExportSource, out: Path, options: ExportOptions, progress: Progress) -> Manifest:
+    out = Path(out)
+    unknown = sorted(set(options.variants) - set(VARIANT_FILES))
+    if unknown or "fp32" not in options.variants:
+        raise CommandError(
+            f"--variants must include fp32 and only {sorted(VARIANT_FILES)}; got {options.variants}"
+        )
+    if out.exists() and not options.force:
+        raise CommandError(f"{out} already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        manifest = _build(source, staging, options, progress)
+        verify_bundle(staging)
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _build(source: ExportSource, staging: Path, options: ExportOptions, progress: Progress) -> Manifest:
+    module = source.module.eval()
+    source.tokenizer.save(str(staging / TOKENIZER_FILE))
+    texts = parity.BUILTIN_TEXTS + (options.eval_data.texts[: parity.MAX_TEXTS] if options.eval_data else [])
+    batches = parity.build_batches(source.tokenizer, texts, source.max_seq_len)
+    reference = parity.torch_runner(module)
+    labels = source.classifier.labels if source.classifier else None
+
+    progress("export fp32 graph")
+    fp32_path = staging / VARIANT_FILES["fp32"]
+    export_onnx(module, fp32_path, source.max_seq_len)
+    progress("parity fp32 vs PyTorch")
+    fp32_parity = parity.check_fp32(reference, parity.ort_runner(fp32_path), batches, options.thresholds)
+    fusions: list[str] = []
+    if options.fuse:
+        progress("fuse fp32 graph for ONNX Runtime")
+        fused_path = staging / "fused.onnx"
+        fusions = fuse_for_ort(fp32_path, fused_path)
+        fp32_parity = parity.check_fp32(
+            reference, parity.ort_runner(fused_path), batches, options.thresholds, variant="fp32 (fused)"
+        )
+    parities: dict[str, dict[str, float]] = {"fp32": fp32_parity}
+
+    reference_metric: dict[str, float] = {}
+    if options.eval_data is not None:
+        progress("task metric on the eval data")
+        reference_metric = parity.task_metric(reference, source.tokenizer, options.eval_data, labels)
+        fp32_metric = parity.task_metric(
+            parity.ort_runner(fp32_path), source.tokenizer, options.eval_data, labels
+        )
+        parities["fp32"] |= {f"torch_{name}": value for name, value in reference_metric.items()}
+        parities["fp32"] |= parity.check_metric("fp32", reference_metric, fp32_metric, options.thresholds)
+
+    reduced = {
+        "int8": (quantize_int8, options.thresholds.int8_min_cosine),
+        "fp16": (convert_fp16, options.thresholds.fp16_min_cosine),
+    }
+    fp32_runner = parity.ort_runner(fp32_path)
+    for variant, (convert, min_cosine) in reduced.items():
+        if variant not in options.variants:
+            continue
+        progress(f"{variant} graph and parity vs fp32")
+        path = staging / VARIANT_FILES[variant]
+        convert(fp32_path, path)
+        runner = parity.ort_runner(path)
+        parities[variant] = parity.check_reduced(variant, fp32_runner, runner, batches, min_cosine)
+        if options.eval_data is not None:
+            metric = parity.task_metric(runner, source.tokenizer, options.eval_data, labels)
+            parities[variant] |= parity.check_metric(variant, reference_metric, metric, options.thresholds)
+
+    if options.fuse:
+        # The derived variants come from the plain graph (ORT's quantiser fuses on its own); the
+        # fused graph becomes model.onnx only after they are built.
+        (staging / "fused.onnx").replace(fp32_path)
+
+    variants = {
+        name: VariantSpec(
+            file=VARIANT_FILES[name],
+            sha256=file_sha256(staging / VARIANT_FILES[name]),
+            parity=parities[name],
+            fusions=fusions if name == "fp32" else [],
+        )
+        for name in options.variants
+    }
+    manifest = Manifest(
+        name=source.name,
+        version=options.version,
+        architecture=source.architecture,
+        max_seq_len=source.max_seq_len,
+        embedding=source.embedding,
+        classifier=source.classifier,
+        variants=variants,
+        tokenizer_sha256=file_sha256(staging / TOKENIZER_FILE),
+        source=source.source,
+        training=source.training,
+    )
+    manifest.write(staging)
+    return manifest
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if not out.exists():
+        staging.rename(out)
+        return
+    # Replacing: move the old bundle aside first, so a failure leaves one complete bundle at `out`.
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    retired.rmdir()
+    out.rename(retired)
+    staging.rename(out)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,264 @@
+"""`encoder data|tokenizer|pretrain|finetune|eval`: argparse only at import; torch loads in handlers."""
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _dims(text: str) -> list[int]:
+    try:
+        dims = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not dims or dims[0] <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive dimensions, got {text!r}")
+    return dims
+
+
+def _add_common_training(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, help="intra-op CPU threads (default: min(4, cores))")
+    parser.add_argument(
+        "--budget-minutes", type=_positive_float, help="wall-clock budget; schedule sized to it"
+    )
+    parser.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers: Any) -> None:
+    data = subparsers.add_parser("data", help="build demo data sets")
+    data_kinds = data.add_subparsers(dest="data_kind", required=True, metavar="SOURCE")
+    wordnet = data_kinds.add_parser(
+        "wordnet", help="demo data from Debian's wordnet-base (pretraining text, classification, pairs)"
+    )
+    wordnet.add_argument("--out", required=True, type=Path, help="output directory")
+    wordnet.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"))
+    wordnet.set_defaults(handler=run_data_wordnet)
+
+    tokenizer = subparsers.add_parser("tokenizer", help="train a tokenizer")
+    tokenizer_kinds = tokenizer.add_subparsers(dest="tokenizer_action", required=True, metavar="ACTION")
+    train = tokenizer_kinds.add_parser("train", help="train a WordPiece tokenizer on text files")
+    train.add_argument("--corpus", required=True, nargs="+", type=Path, help="plain-text files")
+    train.add_argument("--vocab-size", type=int, default=8192)
+    train.add_argument("--max-seq-len", type=int, default=128, help="truncation length stored in the file")
+    train.add_argument("--out", required=True, type=Path, help="tokenizer.json to write")
+    train.set_defaults(handler=run_tokenizer_train)
+
+    pretrain = subparsers.add_parser("pretrain", help="masked-language-model pretraining from scratch")
+    pretrain.add_argument("--tokenizer", required=True, type=Path)
+    pretrain.add_argument("--corpus", required=True, nargs="+", type=Path, help="plain-text files")
+    pretrain.add_argument("--preset", choices=["mini", "small", "base"], default="mini")
+    pretrain.add_argument("--out", required=True, type=Path, help="RUN directory")
+    _add_common_training(pretrain)
+    pretrain.add_argument("--mask-prob", type=float, default=0.3)
+    pretrain.add_argument("--position", choices=["learned", "sinusoidal"], default="learned")
+    pretrain.add_argument(
+        "--checkpoint-every", type=int, default=200, help="steps between resume checkpoints"
+    )
+    pretrain.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint if present")
+    pretrain.add_argument(
+        "--stop-after-steps", type=_positive_int, help="train this many steps, leave a resumable checkpoint"
+    )
+    pretrain.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    pretrain.set_defaults(handler=run_pretrain)
+
+    finetune = subparsers.add_parser("finetune", help="fine-tune a RUN for classification or embeddings")
+    finetune_kinds = finetune.add_subparsers(dest="finetune_kind", required=True, metavar="TASK")
+    classify = finetune_kinds.add_parser("classify", help="classification head (single- or multi-label)")
+    classify.add_argument("--init", required=True, type=Path, help="RUN to start from")
+    classify.add_argument("--train", required=True, type=Path, help='JSON lines {"text", "label"|"labels"}')
+    classify.add_argument("--eval", type=Path, help="JSON lines evaluated at the end (into run.json)")
+    classify.add_argument("--out", required=True, type=Path, help="RUN directory")
+    classify.add_argument("--epochs", type=_positive_float, help="default 3 (10 with --freeze-encoder)")
+    classify.add_argument("--multi-label", action="store_true", help='rows carry "labels": [str]')
+    classify.add_argument("--freeze-encoder", action="store_true", help="train the head only")
+    _add_common_training(classify)
+    classify.set_defaults(handler=run_finetune_classify)
+
+    embed = finetune_kinds.add_parser("embed", help="contrastive sentence embeddings (or SimCSE on raw text)")
+    embed.add_argument("--init", required=True, type=Path, help="RUN to start from")
+    embed.add_argument(
+        "--train",
+        required=True,
+        type=Path,
+        help='JSON lines {"query", "positive"[, "negative"]}; a .txt file (or {"text"} rows) means SimCSE',
+    )
+    embed.add_argument("--out", required=True, type=Path, help="RUN directory")
+    embed.add_argument("--epochs", type=_positive_float, default=1.0)
+    embed.add_argument(
+        "--matryoshka", type=_dims, help="also train truncations to these dims, e.g. 32,64,128"
+    )
+    embed.add_argument("--temperature", type=_positive_float, default=0.05)
+    embed.add_argument("--dropout", type=float, help="training dropout (default 0, 0.1 for SimCSE)")
+    _add_common_training(embed)
+    embed.set_defaults(handler=run_finetune_embed)
+
+    evaluate = subparsers.add_parser("eval", help="evaluate a RUN")
+    eval_kinds = evaluate.add_subparsers(dest="eval_kind", required=True, metavar="TASK")
+    eval_classify = eval_kinds.add_parser("classify", help="accuracy and macro-F1")
+    eval_classify.add_argument("--model", required=True, type=Path, help="classify RUN")
+    eval_classify.add_argument(
+        "--data", required=True, type=Path, help='JSON lines {"text", "label"|"labels"}'
+    )
+    eval_classify.set_defaults(handler=run_eval_classify)
+    retrieval = eval_kinds.add_parser("retrieval", help="Recall@1/10 and MRR@10 of embedding search")
+    retrieval.add_argument("--model", required=True, type=Path, help="RUN (any kind)")
+    retrieval.add_argument(
+        "--queries", required=True, type=Path, help='JSON lines {"id", "text", "relevant"}'
+    )
+    retrieval.add_argument("--corpus", required=True, type=Path, help='JSON lines {"id", "text"}')
+    retrieval.set_defaults(handler=run_eval_retrieval)
+
+
+def run_data_wordnet(args: argparse.Namespace) -> None:
+    from encoder_cli import CommandError, emit_result
+    from model.wordnet import WordNetMissing, build_wordnet_data
+
+    try:
+        emit_result(build_wordnet_data(args.out, args.wordnet_dir))
+    except WordNetMissing as exc:
+        raise CommandError(str(exc)) from None
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> None:
+    from encoder_cli import CommandError, emit_result
+    from model.data import DataError, read_text_lines
+    from model.tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+    try:
+        read_text_lines(args.corpus)
+    except DataError as exc:
+        raise CommandError(str(exc)) from None
+    if args.vocab_size <= len(SPECIAL_TOKENS):
+        raise CommandError(f"--vocab-size must exceed the {len(SPECIAL_TOKENS)} special tokens")
+    tokenizer = train_tokenizer(args.corpus, args.vocab_size, args.out, args.max_seq_len)
+    emit_result({"tokenizer": str(args.out), "vocab_size": tokenizer.get_vocab_size()})
+
+
+def run_pretrain(args: argparse.Namespace) -> None:
+    from encoder_cli import CommandError, emit_result
+    from model.data import DataError
+    from model.pretrain import PretrainOptions, pretrain
+    from model.tokenizer import TokenizerError
+
+    options = PretrainOptions(
+        tokenizer=args.tokenizer,
+        corpus=args.corpus,
+        preset=args.preset,
+        out=args.out,
+        budget_minutes=args.budget_minutes,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        device=args.device,
+        mask_prob=args.mask_prob,
+        position=args.position,
+        checkpoint_every=args.checkpoint_every,
+        stop_after_steps=args.stop_after_steps,
+        resume=args.resume,
+        compile=args.compile,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    if args.batch_size:
+        options.batch_size = args.batch_size
+    if args.lr:
+        options.lr = args.lr
+    try:
+        emit_result(pretrain(options))
+    except (DataError, TokenizerError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+def run_finetune_classify(args: argparse.Namespace) -> None:
+    from encoder_cli import CommandError, emit_result
+    from model.data import DataError
+    from model.finetune import ClassifyOptions, finetune_classify
+
+    options = ClassifyOptions(
+        init=args.init,
+        train=args.train,
+        eval=args.eval,
+        out=args.out,
+        epochs=args.epochs,
+        multi_label=args.multi_label,
+        freeze_encoder=args.freeze_encoder,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        budget_minutes=args.budget_minutes,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        progress=not args.no_progress,
+    )
+    try:
+        emit_result(finetune_classify(options))
+    except DataError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def run_finetune_embed(args: argparse.Namespace) -> None:
+    from encoder_cli import CommandError, emit_result
+    from model.data import DataError
+    from model.finetune import EmbedOptions, finetune_embed
+
+    options = EmbedOptions(
+        init=args.init,
+        train=args.train,
+        out=args.out,
+        epochs=args.epochs,
+        matryoshka=args.matryoshka or [],
+        temperature=args.temperature,
+        dropout=args.dropout,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        budget_minutes=args.budget_minutes,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        progress=not args.no_progress,
+    )
+    try:
+        emit_result(finetune_embed(options))
+    except DataError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def run_eval_classify(args: argparse.Namespace) -> None:
+    from encoder_cli import CommandError, emit_result
+    from model.data import DataError
+    from model.evaluate import evaluate_classifier
+
+    try:
+        emit_result(evaluate_classifier(args.model, args.data))
+    except DataError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def run_eval_retrieval(args: argparse.Namespace) -> None:
+    from encoder_cli import CommandError, emit_result
+    from model.data import DataError
+    from model.evaluate import evaluate_retrieval
+
+    try:
+        emit_result(evaluate_retrieval(args.model, args.queries, args.corpus))
+    except DataError as exc:
+        raise CommandError(str(exc)) from None

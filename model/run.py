@@ -1,0 +1,188 @@
+"""RUN directories: the output of every training step and the only thing export/ reads from model/.
+
+<run>/
+  model.safetensors   weights: "encoder.*", plus "classifier.*" (classify runs) or "mlm_*" (pretrain runs)
+  config.json         EncoderConfig as a dict + architecture name and parameter count
+  tokenizer.json      copied in, so a run is self-contained
+  run.json            kind, labels, embedding spec, training/eval summary, parent run
+  metrics.jsonl       optional training log
+  checkpoint/         optional resume state (pretraining)
+"""
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from encoder_cli import CommandError
+from model.config import EncoderConfig
+from model.encoder import Encoder, InferenceModule
+
+RUN_KINDS = ("pretrain", "embed", "classify")
+ARCHITECTURE = "bert-prenorm-glu"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    config: EncoderConfig
+    kind: str
+    tokenizer_path: Path
+    labels: list[str] | None
+    multi_label: bool
+    pooling: str
+    normalize: bool
+    matryoshka_dims: list[int]
+    summary: dict[str, Any]
+    parameter_count: int
+    weights: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+    def build_encoder(self) -> Encoder:
+        encoder = Encoder(self.config)
+        try:
+            encoder.load_state_dict(_prefixed(self.weights, "encoder."))
+        except RuntimeError as exc:
+            raise CommandError(
+                f"{self.path / WEIGHTS_FILE}: weights do not match config.json ({exc})"
+            ) from None
+        return encoder
+
+    def build_classifier(self) -> nn.Linear | None:
+        if not self.labels:
+            return None
+        classifier = nn.Linear(self.config.n_embd, len(self.labels))
+        try:
+            classifier.load_state_dict(_prefixed(self.weights, "classifier."))
+        except RuntimeError as exc:
+            raise CommandError(
+                f"{self.path / WEIGHTS_FILE}: classifier does not match labels ({exc})"
+            ) from None
+        return classifier
+
+    def inference_module(self) -> torch.nn.Module:
+        """eval-mode module: (input_ids, attention_mask) -> (embedding,) or (embedding, logits).
+
+        embedding (B, n_embd) float32, masked-mean pooled, not normalised; logits raw, only when
+        the run has a classifier head; finite for rows whose attention_mask is all zeros.
+        """
+        return InferenceModule(self.build_encoder(), self.build_classifier()).eval()
+
+
+def parameter_count(weights: dict[str, torch.Tensor]) -> int:
+    """Parameters of the inference graph (encoder + classifier); the MLM head is not exported."""
+    return sum(t.numel() for k, t in weights.items() if k.startswith(("encoder.", "classifier.")))
+
+
+def save_run(
+    path: Path,
+    *,
+    kind: str,
+    config: EncoderConfig,
+    weights: dict[str, torch.Tensor],
+    tokenizer_path: Path,
+    labels: list[str] | None = None,
+    multi_label: bool = False,
+    normalize: bool = False,
+    matryoshka_dims: list[int] | None = None,
+    summary: dict[str, Any] | None = None,
+    parent: Path | None = None,
+) -> Path:
+    """Write a RUN directory. `weights` uses the prefixes "encoder.", "classifier.", "mlm_"."""
+    if kind not in RUN_KINDS:
+        raise ValueError(f"kind must be one of {RUN_KINDS}, not {kind!r}")
+    path.mkdir(parents=True, exist_ok=True)
+    contiguous = {key: value.detach().cpu().contiguous() for key, value in weights.items()}
+    # Write then rename: an interrupted save never leaves a truncated model.safetensors behind.
+    partial = path / (WEIGHTS_FILE + ".partial")
+    save_file(contiguous, str(partial), metadata={"format": "pt"})
+    partial.replace(path / WEIGHTS_FILE)
+    config_json = {
+        **config.to_dict(),
+        "architecture": ARCHITECTURE,
+        "parameter_count": parameter_count(weights),
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
+    if tokenizer_path.resolve() != (path / TOKENIZER_FILE).resolve():
+        shutil.copyfile(tokenizer_path, path / TOKENIZER_FILE)
+    run_json = {
+        "kind": kind,
+        "labels": labels,
+        "multi_label": multi_label,
+        "embedding": {"pooling": "mean", "normalize": normalize, "matryoshka_dims": matryoshka_dims or []},
+        "summary": summary or {},
+        "parent": str(parent.resolve()) if parent else None,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+    }
+    (path / RUN_FILE).write_text(json.dumps(run_json, indent=2) + "\n")
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CommandError(f"{path}: missing (is {path.parent} a run directory?)")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CommandError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CommandError(f"{path}: expected a JSON object")
+    return value
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    """Read and check a RUN directory; any problem is a CommandError with a one-line message."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CommandError(f"{path}: run directory not found")
+    run_json = _read_json(path / RUN_FILE)
+    config_json = _read_json(path / CONFIG_FILE)
+    try:
+        config = EncoderConfig.from_dict(config_json)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"{path / CONFIG_FILE}: invalid encoder config ({exc})") from None
+    kind = run_json.get("kind")
+    if kind not in RUN_KINDS:
+        raise CommandError(f"{path / RUN_FILE}: unknown run kind {kind!r}")
+    tokenizer_path = path / TOKENIZER_FILE
+    if not tokenizer_path.is_file():
+        raise CommandError(f"{tokenizer_path}: missing (is {path} a run directory?)")
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CommandError(f"{weights_path}: missing (is {path} a run directory?)")
+    try:
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CommandError(f"{weights_path}: corrupt checkpoint ({str(exc).splitlines()[0]})") from None
+    embedding = run_json.get("embedding") or {}
+    labels = run_json.get("labels")
+    return LoadedRun(
+        path=path,
+        config=config,
+        kind=kind,
+        tokenizer_path=tokenizer_path,
+        labels=list(labels) if labels else None,
+        multi_label=bool(run_json.get("multi_label", False)),
+        pooling=embedding.get("pooling", "mean"),
+        normalize=bool(embedding.get("normalize", False)),
+        matryoshka_dims=list(embedding.get("matryoshka_dims") or []),
+        summary=run_json.get("summary") or {},
+        parameter_count=parameter_count(weights),
+        weights=weights,
+    )

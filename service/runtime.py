@@ -1,0 +1,101 @@
+"""The ONNX Runtime session: provider choice, thread settings, IO binding on CUDA, warm-up.
+
+The graph contract (DESIGN.md §2): int64 inputs `input_ids` and `attention_mask` of shape
+[batch, seq]; outputs `embedding` [batch, dim] and, with a classifier, `logits` [batch, labels].
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from bundle import BundleError
+
+logger = logging.getLogger("service.runtime")
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    embeddings: np.ndarray  # (B, dim) float32
+    logits: np.ndarray | None  # (B, num_labels) float32, or None without a classifier
+
+
+def cuda_available() -> bool:
+    """Whether onnxruntime-gpu is installed; whether a GPU is visible shows when the session is made."""
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+class OnnxRuntime:
+    def __init__(self, model_file: Path, provider: str, intra_op_threads: int) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        # One batch runs at a time (the batcher owns the session), so parallelism lives inside ops.
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        wants_cuda = provider == "cuda" or (provider == "auto" and cuda_available())
+        if provider == "cuda" and not cuda_available():
+            raise BundleError(
+                "provider cuda requested but onnxruntime-gpu is not installed (pip install .[gpu])"
+            )
+        providers = [CUDA_PROVIDER, CPU_PROVIDER] if wants_cuda else [CPU_PROVIDER]
+        try:
+            self.session = ort.InferenceSession(str(model_file), sess_options=options, providers=providers)
+        except Exception as exc:  # ONNX Runtime raises its own untyped errors for corrupt graphs
+            raise BundleError(
+                f"{model_file}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})"
+            ) from None
+        # ONNX Runtime falls back to CPU when CUDA is installed but no GPU is visible; report the truth.
+        self.provider = "cuda" if self.session.get_providers()[0] == CUDA_PROVIDER else "cpu"
+        if provider == "cuda" and self.provider != "cuda":
+            raise BundleError(f"{model_file}: provider cuda requested but ONNX Runtime sees no usable GPU")
+        input_names = {node.name for node in self.session.get_inputs()}
+        self.output_names = [node.name for node in self.session.get_outputs()]
+        if not set(INPUT_NAMES) <= input_names or "embedding" not in self.output_names:
+            raise BundleError(
+                f"{model_file}: graph must take {list(INPUT_NAMES)} and return 'embedding', "
+                f"it takes {sorted(input_names)} and returns {self.output_names}"
+            )
+        self.has_logits = "logits" in self.output_names
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> ModelOutputs:
+        """Run one padded batch: input_ids and attention_mask are int64 (B, T)."""
+        if self.provider == "cuda":
+            outputs = self._run_with_io_binding(input_ids, attention_mask)
+        else:
+            outputs = self.session.run(
+                self.output_names, {"input_ids": input_ids, "attention_mask": attention_mask}
+            )
+        named = dict(zip(self.output_names, outputs, strict=True))
+        # fp16 graphs return float16; everything after this point works in float32.
+        logits = named.get("logits")
+        return ModelOutputs(
+            embeddings=np.asarray(named["embedding"], dtype=np.float32),
+            logits=None if logits is None else np.asarray(logits, dtype=np.float32),
+        )
+
+    def _run_with_io_binding(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+        # Inputs are copied to the GPU once and outputs allocated there by ONNX Runtime, then fetched
+        # together: no per-output synchronisation and no host staging buffers on every run.
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def warm_up(self, max_batch_size: int, max_seq_len: int, pad_id: int) -> None:
+        """Run the shapes the first requests will use, so ONNX Runtime allocates and (on CUDA) tunes
+        its kernels before /ready turns 200 rather than during a client's first request."""
+        for batch, seq in ((1, 8), (min(max_batch_size, 8), min(max_seq_len, 64)), (1, max_seq_len)):
+            ids = np.full((batch, seq), pad_id, dtype=np.int64)
+            self.run(ids, np.ones((batch, seq), dtype=np.int64))
+        logger.info("warm-up done on %s", self.provider)

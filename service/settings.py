@@ -1,0 +1,69 @@
+"""Service settings (DESIGN.md §7): `ENCODER_*` environment variables, each also a flag of `encoder serve`."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BatchLimits(BaseModel):
+    max_batch_tokens: int = Field(gt=0)  # padded tokens (batch size x longest item) per batch
+    max_batch_size: int = Field(gt=0)  # items per batch
+    max_wait_ms: float = Field(ge=0)
+
+
+# Measured on a 2-core CPU (BENCHMARKS.md): throughput stops improving beyond ~32 items, while large
+# padded batches make every queued request wait for the slowest item; 4096 padded tokens keep one batch
+# within tens of milliseconds for a small encoder.
+CPU_BATCH_LIMITS = BatchLimits(max_batch_tokens=4096, max_batch_size=32, max_wait_ms=0.0)
+# On a GPU a bigger batch costs almost nothing extra, so the budget is TEI's default token budget.
+CUDA_BATCH_LIMITS = BatchLimits(max_batch_tokens=16384, max_batch_size=512, max_wait_ms=0.0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENCODER_", extra="ignore")
+
+    bundle: Path = Field(Path("bundles/default"), description="model bundle directory")
+    variant: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto", description="model file to serve; auto: fp16 on CUDA, int8 on CPU, when the bundle has them"
+    )
+    provider: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="execution provider; auto: CUDA when onnxruntime-gpu sees a GPU, else CPU"
+    )
+    max_batch_tokens: int | None = Field(
+        None, gt=0, description="padded tokens per batch (default: 4096 on CPU, 16384 on CUDA)"
+    )
+    max_batch_size: int | None = Field(
+        None, gt=0, description="items per batch (default: 32 on CPU, 512 on CUDA); 1 turns batching off"
+    )
+    max_wait_ms: float | None = Field(
+        None,
+        ge=0,
+        description="how long a batch waits for requests still being tokenised (default 0: never wait)",
+    )
+    max_queue_items: int = Field(8192, gt=0, description="queued texts before requests get 429")
+    max_client_batch: int = Field(1024, gt=0, description="inputs per request")
+    max_input_chars: int = Field(100_000, gt=0, description="characters per input")
+    max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0, description="request body size")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline per request (504 when passed)")
+    api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+
+    @model_validator(mode="after")
+    def _queue_holds_a_client_batch(self) -> "Settings":
+        if self.max_queue_items < self.max_client_batch:
+            raise ValueError(
+                "max_queue_items must be at least max_client_batch, or large requests always get 429"
+            )
+        return self
+
+    def batch_limits(self, provider: str) -> BatchLimits:
+        defaults = CUDA_BATCH_LIMITS if provider == "cuda" else CPU_BATCH_LIMITS
+        return BatchLimits(
+            max_batch_tokens=self.max_batch_tokens or defaults.max_batch_tokens,
+            max_batch_size=self.max_batch_size or defaults.max_batch_size,
+            max_wait_ms=defaults.max_wait_ms if self.max_wait_ms is None else self.max_wait_ms,
+        )

@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny model built with the project's own code and exported to real bundles.
+
+`tiny_bundle` (classifier with 3 labels, fp32 + int8) and `tiny_bundle_no_classifier` are what the
+service and deployment tests serve; they go through the same export path as `encoder export`.
+"""
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TINY_LABELS = ["animal", "plant", "tool"]
+TINY_MAX_SEQ_LEN = 32
+_SUBJECTS = ["the dog", "a cat", "an old oak", "the hammer", "a small fern", "the saw", "a horse", "the rose"]
+_VERBS = ["sees", "needs", "grows near", "breaks", "likes", "holds", "follows", "covers"]
+_OBJECTS = [
+    "the garden",
+    "a wooden box",
+    "the river bank",
+    "some water",
+    "a green leaf",
+    "the barn",
+    "a nail",
+]
+
+
+@dataclass(frozen=True)
+class TinyRuns:
+    tokenizer: Path
+    embed_run: Path
+    classify_run: Path
+
+
+def _tiny_corpus(path: Path, sentences: int = 400) -> Path:
+    rng = random.Random(0)
+    lines = [
+        f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}." for _ in range(sentences)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
+    """An embed RUN and a classify RUN (frozen encoder + 3-label head) with random weights, via model/."""
+    import torch
+
+    from model.config import EncoderConfig
+    from model.encoder import Encoder
+    from model.run import save_run
+    from model.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    tokenizer_path = root / "tokenizer.json"
+    tokenizer = train_tokenizer(
+        [_tiny_corpus(root / "corpus.txt")],
+        vocab_size=200,
+        out=tokenizer_path,
+        max_seq_len=TINY_MAX_SEQ_LEN,
+        show_progress=False,
+    )
+    config = EncoderConfig(
+        vocab_size=tokenizer.get_vocab_size(), max_seq_len=TINY_MAX_SEQ_LEN, n_layer=2, n_head=2, n_embd=32
+    )
+    torch.manual_seed(0)
+    encoder_weights = {f"encoder.{key}": value for key, value in Encoder(config).state_dict().items()}
+    classifier = torch.nn.Linear(config.n_embd, len(TINY_LABELS))
+    classifier_weights = {f"classifier.{key}": value for key, value in classifier.state_dict().items()}
+    embed_run = save_run(
+        root / "embed",
+        kind="embed",
+        config=config,
+        weights=encoder_weights,
+        tokenizer_path=tokenizer_path,
+        normalize=True,
+        summary={"note": "random weights, test fixture"},
+    )
+    classify_run = save_run(
+        root / "classify",
+        kind="classify",
+        config=config,
+        weights=encoder_weights | classifier_weights,
+        tokenizer_path=tokenizer_path,
+        labels=TINY_LABELS,
+        normalize=True,
+        parent=embed_run,
+        summary={"note": "random weights, test fixture"},
+    )
+    return TinyRuns(tokenizer=tokenizer_path, embed_run=embed_run, classify_run=classify_run)
+
+
+def _export(run: Path, out: Path) -> Path:
+    from export.bundle_writer import ExportOptions, write_bundle
+    from export.run_source import source_from_run
+
+    write_bundle(
+        source_from_run(run, name="tiny"), out, ExportOptions(variants=["fp32", "int8"]), lambda _: None
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_runs: TinyRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle with a 3-label classifier (animal, plant, tool), fp32 + int8, max_seq_len 32, dim 32."""
+    return _export(tiny_runs.classify_run, tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_no_classifier(tiny_runs: TinyRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same encoder without a classifier head (serves /embed only), fp32 + int8."""
+    return _export(tiny_runs.embed_run, tmp_path_factory.mktemp("bundles") / "tiny_embed")

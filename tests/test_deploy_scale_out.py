@@ -1,0 +1,302 @@
+"""The scale-out shape of docker-compose.yml without Docker: two `encoder serve` replicas on loopback
+behind a real nginx running the project's deploy/nginx/nginx.conf, and a real Prometheus running
+deploy/prometheus.yml, each with only its addresses swapped for loopback ones.
+
+One replica is SIGKILLed in the middle of a load that spans both; nginx must retry every request it
+had sent there, so the clients see no failure. The Grafana dashboard's queries then run against that
+Prometheus, which checks their PromQL and their metric names on live data.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+STARTUP_TIMEOUT_S = 60.0
+SCRAPE_INTERVAL = "1s"
+# Grafana's $__rate_interval is at least four scrape intervals; with 1 s scrapes a 10 s window is safe.
+RATE_INTERVAL = "10s"
+CLIENTS = 6
+REQUESTS_AFTER_KILL = 150
+TEXTS = ["the dog sees the garden.", "a small fern grows near the river bank.", "the hammer breaks a nail."]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll `condition` (which may raise httpx errors while a process starts) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def answers_200(url: str) -> bool:
+    return httpx.get(url, timeout=2.0).status_code == 200
+
+
+@contextmanager
+def process(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@dataclass
+class Replica:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class Stack:
+    replicas: list[Replica]
+    proxy_url: str
+    prometheus_url: str
+    nginx_log: Path
+
+    def prometheus_query(self, expr: str) -> list[dict]:
+        response = httpx.get(f"{self.prometheus_url}/api/v1/query", params={"query": expr}, timeout=10.0)
+        body = response.json()
+        assert response.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+        return body["data"]["result"]
+
+    def embeds_scraped(self) -> dict[str, float]:
+        """Successful /embed requests per replica, as Prometheus last scraped them."""
+        series = self.prometheus_query('encoder_requests_total{route="/embed",status="200"}')
+        return {sample["metric"]["instance"]: float(sample["value"][1]) for sample in series}
+
+
+def start_replica(stack: ExitStack, bundle: Path, log_dir: Path, index: int) -> Replica:
+    port = free_port()
+    env = os.environ | {
+        "ENCODER_BUNDLE": str(bundle),
+        "ENCODER_HOST": "127.0.0.1",
+        "ENCODER_PORT": str(port),
+        "ENCODER_PROVIDER": "cpu",
+        "ENCODER_INTRA_OP_THREADS": "1",  # two replicas share the CI machine's cores
+    }
+    encoder = str(Path(sys.executable).parent / "encoder")
+    proc = stack.enter_context(process([encoder, "serve"], log_dir / f"replica{index}.log", env))
+    return Replica(port=port, proc=proc)
+
+
+def nginx_conf(replicas: list[Replica], listen_port: int, temp_dir: Path) -> str:
+    """deploy/nginx/nginx.conf with the replicas' loopback addresses; every other directive as shipped."""
+    conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    server_line = re.search(r"^(\s*)server encoder-replica:8000( [^;]*);$", conf, flags=re.MULTILINE)
+    assert server_line, "deploy/nginx/nginx.conf must have one `server encoder-replica:8000 ...;` line"
+    indent, parameters = server_line.groups()
+    servers = "\n".join(f"{indent}server {replica.address}{parameters};" for replica in replicas)
+    conf = conf.replace(server_line.group(0), servers)
+    assert "listen 8080;" in conf
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{listen_port};")
+    # Debian's nginx keeps its temporary files under /var/lib/nginx; a test keeps them in its own folder.
+    temp_paths = "".join(
+        f"\n    {kind}_temp_path {temp_dir / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return conf.replace("http {", "http {" + temp_paths, 1)
+
+
+def prometheus_conf(replicas: list[Replica]) -> str:
+    """deploy/prometheus.yml with static loopback targets in place of the Docker DNS discovery."""
+    conf = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    conf["global"]["scrape_interval"] = SCRAPE_INTERVAL
+    jobs = [job for job in conf["scrape_configs"] if job["job_name"] == "encoder"]
+    assert len(jobs) == 1 and "dns_sd_configs" in jobs[0]
+    encoder_job = jobs[0]
+    del encoder_job["dns_sd_configs"]
+    encoder_job["static_configs"] = [{"targets": [replica.address for replica in replicas]}]
+    return yaml.safe_dump({"global": conf["global"], "scrape_configs": [encoder_job]})
+
+
+@pytest.fixture(scope="module")
+def scale_out(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    for tool in ("nginx", "prometheus"):
+        assert shutil.which(tool), f"{tool} not found: run `make system-deps`"
+    root = tmp_path_factory.mktemp("scale_out")
+    with ExitStack() as stack:
+        replicas = [start_replica(stack, tiny_bundle, root, index) for index in (1, 2)]
+
+        nginx_port = free_port()
+        (root / "nginx").mkdir()
+        (root / "nginx" / "nginx.conf").write_text(nginx_conf(replicas, nginx_port, root / "nginx"))
+        nginx_log = root / "nginx" / "access.log"
+        nginx_args = [
+            "nginx",
+            "-e",
+            "stderr",
+            "-p",
+            str(root / "nginx"),
+            "-c",
+            str(root / "nginx" / "nginx.conf"),
+        ]
+        nginx_args += ["-g", f"daemon off; pid {root / 'nginx' / 'nginx.pid'};"]
+        stack.enter_context(process(nginx_args, nginx_log))
+
+        prometheus_port = free_port()
+        (root / "prometheus.yml").write_text(prometheus_conf(replicas))
+        prometheus_args = [
+            "prometheus",
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+        ]
+        stack.enter_context(process(prometheus_args, root / "prometheus.log"))
+
+        result = Stack(
+            replicas=replicas,
+            proxy_url=f"http://127.0.0.1:{nginx_port}",
+            prometheus_url=f"http://127.0.0.1:{prometheus_port}",
+            nginx_log=nginx_log,
+        )
+        for replica in replicas:
+            wait_until(
+                lambda replica=replica: answers_200(f"http://{replica.address}/ready"), "replica /ready"
+            )
+        wait_until(lambda: answers_200(f"{result.proxy_url}/ready"), "nginx to proxy /ready")
+        wait_until(lambda: answers_200(f"{result.prometheus_url}/-/ready"), "Prometheus /-/ready")
+        yield result
+
+
+@dataclass
+class Load:
+    """Clients that POST /embed through nginx until stopped, recording every outcome."""
+
+    url: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    outcomes: list[str] = field(default_factory=list)  # "ok", or what went wrong
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def client(self, seed: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=30.0) as http:
+            sent = seed
+            while not self.stop.is_set():
+                texts = [TEXTS[(sent + offset) % len(TEXTS)] for offset in range(1 + sent % 3)]
+                sent += 1
+                try:
+                    response = http.post("/embed", json={"inputs": texts})
+                    body = response.json()
+                    good = response.status_code == 200 and len(body) == len(texts) and len(body[0]) == 32
+                    outcome = "ok" if good else f"{response.status_code} {response.text[:200]}"
+                except httpx.HTTPError as exc:
+                    outcome = f"{type(exc).__name__}: {exc}"
+                with self.lock:
+                    self.outcomes.append(outcome)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.outcomes)
+
+
+@contextmanager
+def running_load(url: str) -> Iterator[Load]:
+    load = Load(url)
+    clients = [threading.Thread(target=load.client, args=(seed,), daemon=True) for seed in range(CLIENTS)]
+    for client in clients:
+        client.start()
+    try:
+        yield load
+    finally:
+        load.stop.set()
+        for client in clients:
+            client.join(timeout=60)
+
+
+def test_killing_a_replica_mid_load_fails_no_request(scale_out: Stack) -> None:
+    survivor, victim = scale_out.replicas
+    with running_load(scale_out.proxy_url) as load:
+        # Round robin must have reached both replicas, and Prometheus must have scraped both, before the kill.
+        wait_until(
+            lambda: (
+                set(scale_out.embeds_scraped()) == {survivor.address, victim.address}
+                and min(scale_out.embeds_scraped().values()) > 0
+            ),
+            "Prometheus to see /embed traffic on both replicas",
+        )
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(timeout=10)
+        sent_before_kill = load.count()
+        wait_until(lambda: load.count() >= sent_before_kill + REQUESTS_AFTER_KILL, "the load to go on")
+
+    failures = Counter(outcome for outcome in load.outcomes if outcome != "ok")
+    assert not failures, f"{sum(failures.values())} of {len(load.outcomes)} requests failed: {failures}"
+    # The kill was absorbed by nginx's retries, not dodged: some requests went to the dead replica first.
+    log = scale_out.nginx_log.read_text()
+    retried = re.findall(rf"upstream={re.escape(victim.address)}, {re.escape(survivor.address)} ", log)
+    assert retried, "no request was retried from the killed replica to the survivor"
+    wait_until(
+        lambda: (
+            {s["metric"]["instance"]: s["value"][1] for s in scale_out.prometheus_query('up{job="encoder"}')}
+            == {survivor.address: "1", victim.address: "0"}
+        ),
+        "Prometheus to see the killed replica down",
+    )
+
+
+def test_dashboard_queries_run_on_prometheus(scale_out: Stack) -> None:
+    with httpx.Client(base_url=scale_out.proxy_url, timeout=30.0) as http:
+        for index in range(20):
+            assert http.post("/embed", json={"inputs": TEXTS[: 1 + index % 3]}).status_code == 200
+            assert http.post("/classify", json={"inputs": TEXTS[index % 3]}).status_code == 200
+            assert http.post("/embed", json={"inputs": []}).status_code == 422  # rejections to plot
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "encoder.json").read_text())
+    exprs = {
+        f"{panel['title']} / {target['legendFormat']}": target["expr"].replace(
+            "$__rate_interval", RATE_INTERVAL
+        )
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    }
+    # A query that Prometheus refuses fails at once; one without data yet is retried until the scrapes
+    # that follow the traffic above have landed.
+    without_data = list(exprs)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while without_data and time.monotonic() < deadline:
+        without_data = [name for name, expr in exprs.items() if not scale_out.prometheus_query(expr)]
+        time.sleep(0.5)
+    assert not without_data, f"panels without data: {without_data}"

@@ -1,0 +1,134 @@
+"""The bundle written by the export path: interface, manifest round-trip, checksums, CLI, atomic writes."""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from tokenizers import Tokenizer
+
+from bundle.manifest import BundleError, Manifest, load_manifest, verify_bundle
+from encoder_cli import CommandError
+
+EDGE_CASES = ["texts", "batch_of_one", "length_one", "max_length", "heavy_padding", "all_padding_row"]
+
+
+def test_tiny_bundle_records_every_parity_figure(tiny_bundle: Path) -> None:
+    manifest = verify_bundle(tiny_bundle)
+    assert set(manifest.variants) == {"fp32", "int8"}
+    assert manifest.classifier is not None and manifest.classifier.labels == ["animal", "plant", "tool"]
+    fp32 = manifest.variants["fp32"].parity
+    for case in EDGE_CASES:
+        assert 0 <= fp32[f"max_abs_diff_{case}"] <= 1e-4
+    assert fp32["batched_vs_single_max_abs_diff"] <= 1e-4
+    int8 = manifest.variants["int8"].parity
+    assert 0.97 <= int8["min_cosine"] <= int8["mean_cosine"] <= 1.0 + 1e-6
+    assert int8["top1_agreement"] > 0.5
+    assert manifest.embedding.dim == manifest.architecture.hidden_size == 32
+    assert manifest.embedding.normalize is True and manifest.max_seq_len == 32
+
+
+@pytest.mark.parametrize("variant_file", ["model.onnx", "model.int8.onnx"])
+def test_graph_interface_has_symbolic_axes_and_runs_any_shape(tiny_bundle: Path, variant_file: str) -> None:
+    graph = onnx.load(str(tiny_bundle / variant_file)).graph
+    assert [value.name for value in graph.input] == ["input_ids", "attention_mask"]
+    assert [value.name for value in graph.output] == ["embedding", "logits"]
+    for value in graph.input:
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert all(dim.dim_param for dim in value.type.tensor_type.shape.dim)
+    session = onnxruntime.InferenceSession(
+        str(tiny_bundle / variant_file), providers=["CPUExecutionProvider"]
+    )
+    for batch, sequence in [(1, 1), (5, 3), (3, 32)]:
+        ids = np.full((batch, sequence), 7, dtype=np.int64)
+        embedding, logits = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        assert embedding.shape == (batch, 32) and logits.shape == (batch, 3)
+
+
+def test_opset_and_no_external_data(tiny_bundle: Path) -> None:
+    model = onnx.load(str(tiny_bundle / "model.onnx"), load_external_data=False)
+    assert max(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")) >= 18
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+    assert sorted(path.name for path in tiny_bundle.iterdir()) == [
+        "manifest.json",
+        "model.int8.onnx",
+        "model.onnx",
+        "tokenizer.json",
+    ]
+
+
+def test_bundle_tokenizer_truncates_at_max_seq_len_without_padding(tiny_bundle: Path) -> None:
+    tokenizer = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
+    assert len(tokenizer.encode("dog " * 100).ids) == 32
+    assert len(tokenizer.encode("dog").ids) == 3  # [CLS] dog [SEP], no padding
+
+
+def test_manifest_round_trip(tiny_bundle: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(tiny_bundle)
+    manifest.write(tmp_path)
+    again = load_manifest(tmp_path)
+    assert again == manifest
+    assert Manifest.model_validate_json(manifest.model_dump_json()) == manifest
+    assert json.loads((tiny_bundle / "manifest.json").read_text())["format_version"] == 1
+
+
+def test_manifest_without_classifier(tiny_bundle_no_classifier: Path) -> None:
+    manifest = verify_bundle(tiny_bundle_no_classifier)
+    assert manifest.classifier is None
+    graph = onnx.load(str(tiny_bundle_no_classifier / "model.onnx")).graph
+    assert [value.name for value in graph.output] == ["embedding"]
+
+
+@pytest.mark.parametrize("tampered", ["model.onnx", "model.int8.onnx", "tokenizer.json"])
+def test_sha256_mismatch_is_detected(tiny_bundle: Path, tmp_path: Path, tampered: str) -> None:
+    copy = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    data = bytearray((copy / tampered).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / tampered).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=rf"{tampered}: sha256 mismatch"):
+        verify_bundle(copy)
+
+
+def test_manifest_schema_mismatch_is_detected(tiny_bundle: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format_version"):
+        verify_bundle(copy)
+
+
+def test_export_cli_writes_bundle_and_refuses_to_overwrite(
+    tiny_runs: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from encoder_cli import main
+
+    out = tmp_path / "cli_bundle"
+    argv = ["export", "--model", str(tiny_runs.embed_run), "--out", str(out), "--variants", "fp32"]
+    main(argv)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bundle"] == str(out) and set(result["variants"]) == {"fp32"}
+    assert verify_bundle(out).name == "embed"
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "already exists" in capsys.readouterr().err
+    main([*argv, "--force", "--version", "2"])
+    assert verify_bundle(out).version == "2"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cli_bundle"]  # no staging left behind
+
+
+def test_export_refuses_unknown_variant(tiny_runs: Any, tmp_path: Path) -> None:
+    from export.bundle_writer import ExportOptions, write_bundle
+    from export.run_source import source_from_run
+
+    source = source_from_run(tiny_runs.classify_run)
+    with pytest.raises(CommandError, match="--variants"):
+        write_bundle(source, tmp_path / "b", ExportOptions(variants=["int8"]), lambda _: None)
+    with pytest.raises(CommandError, match="--variants"):
+        write_bundle(source, tmp_path / "b", ExportOptions(variants=["fp32", "bf16"]), lambda _: None)
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,293 @@
+"""The dynamic batcher with a fake runtime: pure asyncio, no model, no HTTP."""
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, InferenceResult, pick_batch
+from service.errors import ErrorType, ServiceError
+from service.metrics import Metrics
+from service.runtime import ModelOutputs
+from service.settings import BatchLimits
+
+PAD_ID = 0
+FILLER_ID = 1
+
+
+def item_ids(marker: int, length: int) -> list[int]:
+    """Token ids whose first id identifies the item and whose length is `length`."""
+    return [marker] + [FILLER_ID] * (length - 1)
+
+
+class FakeRuntime:
+    """Echoes each row's first token id and length as its 'embedding'; can be held closed, or fail."""
+
+    def __init__(self, fail_marker: int | None = None, drop_a_row: bool = False) -> None:
+        self.batches: list[list[int]] = []  # markers of the items of each batch, in row order
+        self.padded_shapes: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.running = threading.Event()
+        self.fail_marker = fail_marker
+        self.drop_a_row = drop_a_row
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> ModelOutputs:
+        self.running.set()
+        assert self.gate.wait(10), "test never opened the gate"
+        self.batches.append(input_ids[:, 0].tolist())
+        self.padded_shapes.append(input_ids.shape)
+        if self.fail_marker is not None and self.fail_marker in input_ids[:, 0]:
+            raise RuntimeError("model exploded")
+        embeddings = np.stack([input_ids[:, 0], attention_mask.sum(axis=1)], axis=1).astype(np.float32)
+        if self.drop_a_row:
+            embeddings = embeddings[:-1]
+        return ModelOutputs(embeddings=embeddings, logits=None)
+
+
+def limits(max_batch_tokens: int = 1000, max_batch_size: int = 8, max_wait_ms: float = 0.0) -> BatchLimits:
+    return BatchLimits(
+        max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms
+    )
+
+
+@asynccontextmanager
+async def started(
+    runtime: FakeRuntime, batch_limits: BatchLimits, max_queue_items: int = 1000
+) -> AsyncIterator[Batcher]:
+    batcher = Batcher(runtime, batch_limits, max_queue_items, PAD_ID, Metrics())
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        runtime.gate.set()
+        await batcher.stop()
+
+
+def deadline(seconds: float = 10.0) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def hold_runtime(
+    batcher: Batcher, runtime: FakeRuntime, marker: int = 99
+) -> asyncio.Task[InferenceResult]:
+    """Occupy the runtime with one request, so that what is queued next waits and batches up."""
+    runtime.gate.clear()
+    task = asyncio.create_task(batcher.infer([item_ids(marker, 3)], deadline()))
+    while not runtime.running.is_set():
+        await asyncio.sleep(0.001)
+    return task
+
+
+def markers(result: InferenceResult) -> list[int]:
+    return [int(output.embedding[0]) for output in result.outputs]
+
+
+def run(coroutine_factory: Callable[[], Any]) -> Any:
+    return asyncio.run(coroutine_factory())
+
+
+def test_lone_request_runs_at_once_in_a_batch_of_one() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        # Even with a wait window, nobody else is arriving, so the lone request must not wait for it.
+        async with started(runtime, limits(max_wait_ms=500)) as batcher:
+            began = time.perf_counter()
+            result = await batcher.infer([item_ids(7, 5)], deadline())
+            assert time.perf_counter() - began < 0.2
+        assert markers(result) == [7]
+        assert runtime.batches == [[7]]
+        assert [int(output.embedding[1]) for output in result.outputs] == [5]
+
+    run(scenario)
+
+
+def test_queued_items_flush_in_full_batches_and_return_in_input_order() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(max_batch_size=4)) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            many = asyncio.create_task(
+                batcher.infer([item_ids(marker, 4) for marker in range(10, 20)], deadline())
+            )
+            await asyncio.sleep(0.01)
+            assert batcher.queued_items == 10
+            runtime.gate.set()
+            result = await many
+            await first
+        assert markers(result) == list(range(10, 20))
+        assert [len(batch) for batch in runtime.batches] == [1, 4, 4, 2]
+
+    run(scenario)
+
+
+def test_token_budget_caps_padded_tokens_per_batch() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(max_batch_tokens=30, max_batch_size=100)) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            tasks = [
+                asyncio.create_task(batcher.infer([item_ids(marker, 10)], deadline()))
+                for marker in range(20, 27)
+            ]
+            await asyncio.sleep(0.01)
+            runtime.gate.set()
+            await asyncio.gather(first, *tasks)
+        assert all(rows * seq <= 30 for rows, seq in runtime.padded_shapes)
+        assert [len(batch) for batch in runtime.batches[1:]] == [3, 3, 1]
+
+    run(scenario)
+
+
+def test_batches_group_similar_lengths_without_starving_the_oldest() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(max_batch_tokens=100, max_batch_size=8)) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            # Arrival order: short, long, short, long. In arrival order the batches would be
+            # [5, 50] and [6, 48] (padding 45 + 42); by length they are [5, 6] and [48, 50].
+            lengths = {1: 5, 2: 50, 3: 6, 4: 48}
+            tasks = [
+                asyncio.create_task(batcher.infer([item_ids(marker, length)], deadline()))
+                for marker, length in lengths.items()
+            ]
+            await asyncio.sleep(0.01)
+            runtime.gate.set()
+            await asyncio.gather(first, *tasks)
+        assert [sorted(batch) for batch in runtime.batches[1:]] == [[1, 3], [2, 4]]
+
+    run(scenario)
+
+
+def test_pick_batch_always_includes_the_oldest_item() -> None:
+    class Item:
+        def __init__(self, length: int) -> None:
+            self.length = length
+
+    items = [Item(length) for length in (90, 5, 5, 5, 5)]
+    batch = pick_batch(items, max_batch_tokens=100, max_batch_size=8)  # type: ignore[arg-type]
+    assert batch[0] is items[0] and len(batch) == 1
+
+
+def test_request_past_its_deadline_times_out_and_never_runs() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits()) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            with pytest.raises(ServiceError) as raised:
+                await batcher.infer([item_ids(31, 4)], deadline(0.05))
+            assert raised.value.error_type is ErrorType.TIMEOUT
+            runtime.gate.set()
+            await first
+            result = await batcher.infer([item_ids(32, 4)], deadline())
+        assert markers(result) == [32]
+        assert all(31 not in batch for batch in runtime.batches)
+
+    run(scenario)
+
+
+def test_cancelled_request_is_dropped_before_it_runs() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits()) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            gone = asyncio.create_task(batcher.infer([item_ids(41, 4), item_ids(42, 4)], deadline()))
+            kept = asyncio.create_task(batcher.infer([item_ids(43, 4)], deadline()))
+            await asyncio.sleep(0.01)
+            gone.cancel()  # what the handler does when the client disconnects
+            await asyncio.sleep(0.01)
+            runtime.gate.set()
+            await first
+            assert markers(await kept) == [43]
+        assert all(41 not in batch and 42 not in batch for batch in runtime.batches)
+
+    run(scenario)
+
+
+def test_a_failing_batch_fails_only_its_requests_and_the_loop_keeps_serving() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime(fail_marker=66)
+        async with started(runtime, limits(max_batch_size=2)) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            doomed = asyncio.create_task(batcher.infer([item_ids(66, 4)], deadline()))
+            neighbour = asyncio.create_task(batcher.infer([item_ids(67, 4)], deadline()))
+            later = asyncio.create_task(batcher.infer([item_ids(68, 4)], deadline()))
+            await asyncio.sleep(0.01)
+            runtime.gate.set()
+            await first
+            for task in (doomed, neighbour):  # same batch of two: both fail
+                with pytest.raises(ServiceError) as raised:
+                    await task
+                assert raised.value.error_type is ErrorType.BACKEND
+            assert markers(await later) == [68]
+            assert markers(await batcher.infer([item_ids(69, 4)], deadline())) == [69]
+
+    run(scenario)
+
+
+def test_wrong_number_of_output_rows_is_a_backend_error() -> None:
+    async def scenario() -> None:
+        async with started(FakeRuntime(drop_a_row=True), limits()) as batcher:
+            with pytest.raises(ServiceError) as raised:
+                await batcher.infer([item_ids(71, 4), item_ids(72, 4)], deadline())
+        assert raised.value.error_type is ErrorType.BACKEND
+
+    run(scenario)
+
+
+def test_full_queue_refuses_with_overloaded() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(), max_queue_items=4) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            queued = asyncio.create_task(batcher.infer([item_ids(81, 4)] * 3, deadline()))
+            await asyncio.sleep(0.01)
+            with pytest.raises(ServiceError) as raised:
+                await batcher.infer([item_ids(82, 4)] * 2, deadline())
+            assert raised.value.error_type is ErrorType.OVERLOADED
+            runtime.gate.set()
+            await asyncio.gather(first, queued)
+
+    run(scenario)
+
+
+def test_max_wait_lets_a_batch_wait_for_requests_still_being_tokenised() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(max_wait_ms=300)) as batcher:
+
+            async def late_arrival() -> InferenceResult:
+                with batcher.arriving():
+                    await asyncio.sleep(0.05)  # tokenising
+                return await batcher.infer([item_ids(92, 4)], deadline())
+
+            late = asyncio.create_task(late_arrival())
+            await asyncio.sleep(0)  # the late request has announced itself
+            early = await batcher.infer([item_ids(91, 4)], deadline())
+            await late
+        assert markers(early) == [91]
+        assert runtime.batches == [[91, 92]]
+
+    run(scenario)
+
+
+def test_stop_fails_queued_requests_as_unhealthy() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        batcher = Batcher(runtime, limits(), 100, PAD_ID, Metrics())
+        batcher.start()
+        first = await hold_runtime(batcher, runtime)
+        queued = asyncio.create_task(batcher.infer([item_ids(95, 4)], deadline()))
+        await asyncio.sleep(0.01)
+        runtime.gate.set()
+        stopping = asyncio.create_task(batcher.stop())
+        results = await asyncio.gather(first, queued, return_exceptions=True)
+        await stopping
+        assert all(isinstance(result, InferenceResult | ServiceError) for result in results)
+
+    run(scenario)
