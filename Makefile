@@ -39,5 +39,32 @@ lint: $(BIN)/encoder system-deps
 	for profile in gpu cpu scale; do docker-compose --profile $$profile config --quiet || exit 1; done
 	promtool check config deploy/prometheus.yml
 
+# The default bundle, end to end from the WordNet demo data: data -> tokenizer -> pretrain ->
+# fine-tune embed -> classification head on the frozen embed encoder -> export fp32 + int8 (parity-
+# gated, int8 also by accuracy on the held-out split). It serves /embed and /classify. Step counts
+# fit about 10 minutes on 2 CPU cores; raise them on a bigger machine.
+MODEL_RUNS ?= runs/default
+PRETRAIN_STEPS ?= 600
+EMBED_STEPS ?= 300
+CLASSIFY_STEPS ?= 400
+model: $(BIN)/encoder system-deps
+	$(BIN)/encoder data wordnet --out $(MODEL_RUNS)/data
+	$(BIN)/encoder tokenizer train --corpus $(MODEL_RUNS)/data/pretrain.txt --vocab-size 8192 --max-seq-len 128 \
+		--out $(MODEL_RUNS)/tokenizer.json
+	$(BIN)/encoder pretrain --tokenizer $(MODEL_RUNS)/tokenizer.json --corpus $(MODEL_RUNS)/data/pretrain.txt \
+		--preset mini --max-steps $(PRETRAIN_STEPS) --out $(MODEL_RUNS)/pretrain
+	$(BIN)/encoder finetune embed --init $(MODEL_RUNS)/pretrain --train $(MODEL_RUNS)/data/pairs_train.jsonl \
+		--max-steps $(EMBED_STEPS) --out $(MODEL_RUNS)/embed
+	$(BIN)/encoder finetune classify --init $(MODEL_RUNS)/embed --freeze-encoder \
+		--train $(MODEL_RUNS)/data/classify_train.jsonl --eval $(MODEL_RUNS)/data/classify_test.jsonl \
+		--max-steps $(CLASSIFY_STEPS) --out $(MODEL_RUNS)/classify
+	$(BIN)/encoder export --model $(MODEL_RUNS)/classify --name default --variants fp32,int8 \
+		--eval $(MODEL_RUNS)/data/classify_test.jsonl --out $(BUNDLE) --force
+
+# Service vs. raw ONNX Runtime, and batching on vs. off, side by side (BENCHMARKS.md). About 3 minutes.
+bench: $(BIN)/encoder
+	@test -f $(BUNDLE)/manifest.json || $(MAKE) model
+	$(BIN)/python bench/side_by_side.py --bundle $(BUNDLE)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

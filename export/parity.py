@@ -67,7 +67,7 @@ class EvalData:
     positives: list[str] | None = None
 
     @classmethod
-    def read(cls, path: Path, limit: int = 512) -> "EvalData":
+    def read(cls, path: Path, limit: int = 1000) -> "EvalData":
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()][:limit]
         if not rows:
             raise CommandError(f"{path}: no rows")

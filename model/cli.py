@@ -64,7 +64,7 @@ def register(subparsers: Any) -> None:
     pretrain = subparsers.add_parser("pretrain", help="masked-language-model pretraining from scratch")
     pretrain.add_argument("--tokenizer", required=True, type=Path)
     pretrain.add_argument("--corpus", required=True, nargs="+", type=Path, help="plain-text files")
-    pretrain.add_argument("--preset", choices=["mini", "small", "base"], default="mini")
+    pretrain.add_argument("--preset", choices=["tiny", "mini", "small", "base"], default="mini")
     pretrain.add_argument("--out", required=True, type=Path, help="RUN directory")
     _add_common_training(pretrain)
     pretrain.add_argument("--mask-prob", type=float, default=0.3)

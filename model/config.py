@@ -39,8 +39,9 @@ class EncoderConfig:
         return cls(**{key: value for key, value in values.items() if key in known})
 
 
-# mini trains meaningfully on 2 CPU cores in minutes; small and base are GPU sizes.
+# mini trains meaningfully on 2 CPU cores in minutes; small and base are GPU sizes; tiny is for tests.
 PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64),
     "mini": dict(n_layer=4, n_head=4, n_embd=256),
     "small": dict(n_layer=8, n_head=8, n_embd=512),
     "base": dict(n_layer=12, n_head=12, n_embd=768),

@@ -110,13 +110,14 @@ def pick_batch(items: list[_Item], max_batch_tokens: int, max_batch_size: int) -
     return [items[position] for position in sorted(by_length[low:high])]
 
 
-def pad_batch(batch: list[_Item], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    longest = max(item.length for item in batch)
-    input_ids = np.full((len(batch), longest), pad_id, dtype=np.int64)  # (B, T)
-    attention_mask = np.zeros((len(batch), longest), dtype=np.int64)  # (B, T)
-    for row, item in enumerate(batch):
-        input_ids[row, : item.length] = item.token_ids
-        attention_mask[row, : item.length] = 1
+def pad_batch(token_ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest item: input_ids and attention_mask, int64 (B, T)."""
+    longest = max(len(ids) for ids in token_ids)
+    input_ids = np.full((len(token_ids), longest), pad_id, dtype=np.int64)  # (B, T)
+    attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)  # (B, T)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
     return input_ids, attention_mask
 
 
@@ -241,7 +242,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         self._running = True
         try:
-            input_ids, attention_mask = pad_batch(batch, self._pad_id)
+            input_ids, attention_mask = pad_batch([item.token_ids for item in batch], self._pad_id)
             started_at = loop.time()
             for item in batch:
                 if item.request.started_at is None:

@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, RootModel
+from pydantic import AfterValidator, BaseModel, Field, RootModel, WithJsonSchema
 
 
 def _not_empty(inputs: str | list[str]) -> str | list[str]:
@@ -14,7 +14,14 @@ def _not_empty(inputs: str | list[str]) -> str | list[str]:
     return inputs
 
 
-Inputs = Annotated[str | list[str], AfterValidator(_not_empty)]
+NON_EMPTY_TEXT_SCHEMA = {"type": "string", "minLength": 1}
+Inputs = Annotated[
+    str | list[str],
+    AfterValidator(_not_empty),
+    WithJsonSchema(
+        {"anyOf": [NON_EMPTY_TEXT_SCHEMA, {"type": "array", "items": NON_EMPTY_TEXT_SCHEMA, "minItems": 1}]}
+    ),
+]
 
 
 def as_list(inputs: str | list[str]) -> list[str]:

@@ -240,3 +240,17 @@ def test_encoder_serve_starts_its_cli_without_torch(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--bundle" in result.stdout
+
+
+def test_gpu_check_stops_with_a_clear_message_without_cuda(tiny_bundle: Path) -> None:
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh", str(tiny_bundle)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+    )
+    assert result.returncode != 0
+    assert "CPUExecutionProvider" in result.stdout, "it reports the providers ONNX Runtime sees"
+    assert "CUDAExecutionProvider is missing" in result.stderr

@@ -8,11 +8,9 @@ Prometheus, which checks their PromQL and their metric names on live data.
 """
 
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,11 +19,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from service_process import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -38,12 +38,6 @@ RATE_INTERVAL = "10s"
 CLIENTS = 6
 REQUESTS_AFTER_KILL = 150
 TEXTS = ["the dog sees the garden.", "a small fern grows near the river bank.", "the hammer breaks a nail."]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
@@ -64,11 +58,10 @@ def answers_200(url: str) -> bool:
 
 
 @contextmanager
-def process(
-    args: list[str], log: Path, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
+def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """nginx or Prometheus in the foreground, stopped (SIGTERM, then SIGKILL) when the block ends."""
     with open(log, "wb") as log_file:
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         yield proc
     finally:
@@ -82,18 +75,8 @@ def process(
 
 
 @dataclass
-class Replica:
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
-@dataclass
 class Stack:
-    replicas: list[Replica]
+    replicas: list[ServiceProcess]
     proxy_url: str
     prometheus_url: str
     nginx_log: Path
@@ -110,27 +93,17 @@ class Stack:
         return {sample["metric"]["instance"]: float(sample["value"][1]) for sample in series}
 
 
-def start_replica(stack: ExitStack, bundle: Path, log_dir: Path, index: int) -> Replica:
-    port = free_port()
-    env = os.environ | {
-        "ENCODER_BUNDLE": str(bundle),
-        "ENCODER_HOST": "127.0.0.1",
-        "ENCODER_PORT": str(port),
-        "ENCODER_PROVIDER": "cpu",
-        "ENCODER_INTRA_OP_THREADS": "1",  # two replicas share the CI machine's cores
-    }
-    encoder = str(Path(sys.executable).parent / "encoder")
-    proc = stack.enter_context(process([encoder, "serve"], log_dir / f"replica{index}.log", env))
-    return Replica(port=port, proc=proc)
+def address(replica: ServiceProcess) -> str:
+    return f"127.0.0.1:{replica.port}"
 
 
-def nginx_conf(replicas: list[Replica], listen_port: int, temp_dir: Path) -> str:
-    """deploy/nginx/nginx.conf with the replicas' loopback addresses; every other directive as shipped."""
+def nginx_conf(upstreams: list[str], listen_port: int, temp_dir: Path) -> str:
+    """deploy/nginx/nginx.conf with loopback upstream addresses; every other directive as shipped."""
     conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
     server_line = re.search(r"^(\s*)server encoder-replica:8000( [^;]*);$", conf, flags=re.MULTILINE)
     assert server_line, "deploy/nginx/nginx.conf must have one `server encoder-replica:8000 ...;` line"
     indent, parameters = server_line.groups()
-    servers = "\n".join(f"{indent}server {replica.address}{parameters};" for replica in replicas)
+    servers = "\n".join(f"{indent}server {upstream}{parameters};" for upstream in upstreams)
     conf = conf.replace(server_line.group(0), servers)
     assert "listen 8080;" in conf
     conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{listen_port};")
@@ -142,7 +115,21 @@ def nginx_conf(replicas: list[Replica], listen_port: int, temp_dir: Path) -> str
     return conf.replace("http {", "http {" + temp_paths, 1)
 
 
-def prometheus_conf(replicas: list[Replica]) -> str:
+def start_nginx(stack: ExitStack, upstreams: list[str], root: Path) -> tuple[str, Path]:
+    """nginx in the foreground on a free loopback port; its URL (once /ready passes) and access log."""
+    root.mkdir()
+    port = free_port()
+    (root / "nginx.conf").write_text(nginx_conf(upstreams, port, root))
+    args = ["nginx", "-e", "stderr", "-p", str(root), "-c", str(root / "nginx.conf")]
+    args += ["-g", f"daemon off; pid {root / 'nginx.pid'};"]
+    log = root / "access.log"
+    stack.enter_context(process(args, log))
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: answers_200(f"{url}/ready"), "nginx to proxy /ready")
+    return url, log
+
+
+def prometheus_conf(replicas: list[ServiceProcess]) -> str:
     """deploy/prometheus.yml with static loopback targets in place of the Docker DNS discovery."""
     conf = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     conf["global"]["scrape_interval"] = SCRAPE_INTERVAL
@@ -150,7 +137,7 @@ def prometheus_conf(replicas: list[Replica]) -> str:
     assert len(jobs) == 1 and "dns_sd_configs" in jobs[0]
     encoder_job = jobs[0]
     del encoder_job["dns_sd_configs"]
-    encoder_job["static_configs"] = [{"targets": [replica.address for replica in replicas]}]
+    encoder_job["static_configs"] = [{"targets": [address(replica) for replica in replicas]}]
     return yaml.safe_dump({"global": conf["global"], "scrape_configs": [encoder_job]})
 
 
@@ -160,23 +147,13 @@ def scale_out(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         assert shutil.which(tool), f"{tool} not found: run `make system-deps`"
     root = tmp_path_factory.mktemp("scale_out")
     with ExitStack() as stack:
-        replicas = [start_replica(stack, tiny_bundle, root, index) for index in (1, 2)]
-
-        nginx_port = free_port()
-        (root / "nginx").mkdir()
-        (root / "nginx" / "nginx.conf").write_text(nginx_conf(replicas, nginx_port, root / "nginx"))
-        nginx_log = root / "nginx" / "access.log"
-        nginx_args = [
-            "nginx",
-            "-e",
-            "stderr",
-            "-p",
-            str(root / "nginx"),
-            "-c",
-            str(root / "nginx" / "nginx.conf"),
+        # One ONNX Runtime thread each: the two replicas share the CI machine's cores.
+        replicas = [
+            stack.enter_context(ServiceProcess(tiny_bundle, provider="cpu", intra_op_threads=1))
+            for _ in range(2)
         ]
-        nginx_args += ["-g", f"daemon off; pid {root / 'nginx' / 'nginx.pid'};"]
-        stack.enter_context(process(nginx_args, nginx_log))
+
+        proxy_url, nginx_log = start_nginx(stack, [address(replica) for replica in replicas], root / "nginx")
 
         prometheus_port = free_port()
         (root / "prometheus.yml").write_text(prometheus_conf(replicas))
@@ -190,15 +167,10 @@ def scale_out(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
         result = Stack(
             replicas=replicas,
-            proxy_url=f"http://127.0.0.1:{nginx_port}",
+            proxy_url=proxy_url,
             prometheus_url=f"http://127.0.0.1:{prometheus_port}",
             nginx_log=nginx_log,
         )
-        for replica in replicas:
-            wait_until(
-                lambda replica=replica: answers_200(f"http://{replica.address}/ready"), "replica /ready"
-            )
-        wait_until(lambda: answers_200(f"{result.proxy_url}/ready"), "nginx to proxy /ready")
         wait_until(lambda: answers_200(f"{result.prometheus_url}/-/ready"), "Prometheus /-/ready")
         yield result
 
@@ -253,13 +225,13 @@ def test_killing_a_replica_mid_load_fails_no_request(scale_out: Stack) -> None:
         # Round robin must have reached both replicas, and Prometheus must have scraped both, before the kill.
         wait_until(
             lambda: (
-                set(scale_out.embeds_scraped()) == {survivor.address, victim.address}
+                set(scale_out.embeds_scraped()) == {address(survivor), address(victim)}
                 and min(scale_out.embeds_scraped().values()) > 0
             ),
             "Prometheus to see /embed traffic on both replicas",
         )
-        victim.proc.send_signal(signal.SIGKILL)
-        victim.proc.wait(timeout=10)
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait(timeout=10)
         sent_before_kill = load.count()
         wait_until(lambda: load.count() >= sent_before_kill + REQUESTS_AFTER_KILL, "the load to go on")
 
@@ -267,12 +239,12 @@ def test_killing_a_replica_mid_load_fails_no_request(scale_out: Stack) -> None:
     assert not failures, f"{sum(failures.values())} of {len(load.outcomes)} requests failed: {failures}"
     # The kill was absorbed by nginx's retries, not dodged: some requests went to the dead replica first.
     log = scale_out.nginx_log.read_text()
-    retried = re.findall(rf"upstream={re.escape(victim.address)}, {re.escape(survivor.address)} ", log)
+    retried = re.findall(rf"upstream={re.escape(address(victim))}, {re.escape(address(survivor))} ", log)
     assert retried, "no request was retried from the killed replica to the survivor"
     wait_until(
         lambda: (
             {s["metric"]["instance"]: s["value"][1] for s in scale_out.prometheus_query('up{job="encoder"}')}
-            == {survivor.address: "1", victim.address: "0"}
+            == {address(survivor): "1", address(victim): "0"}
         ),
         "Prometheus to see the killed replica down",
     )
@@ -300,3 +272,72 @@ def test_dashboard_queries_run_on_prometheus(scale_out: Stack) -> None:
         without_data = [name for name, expr in exprs.items() if not scale_out.prometheus_query(expr)]
         time.sleep(0.5)
     assert not without_data, f"panels without data: {without_data}"
+
+
+class DrainingReplica(BaseHTTPRequestHandler):
+    """Answers like a replica after SIGTERM (or before its model is loaded): 503 Unhealthy everywhere."""
+
+    hits: list[str]  # request paths, set per server
+
+    def answer(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.hits.append(self.path)
+        body = b'{"error": "the service is shutting down", "error_type": "Unhealthy"}'
+        self.send_response(503)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def draining_replica() -> Iterator[tuple[str, list[str]]]:
+    hits: list[str] = []
+    handler = type("Handler", (DrainingReplica,), {"hits": hits})
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def docker_healthcheck_passes(port: int) -> bool:
+    """Runs the Dockerfile's HEALTHCHECK command (the same in both targets) against a local port."""
+    healthcheck = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", (ROOT / "Dockerfile").read_text(), re.M | re.S)
+    assert healthcheck
+    _image_python, flag, code = json.loads(healthcheck.group(1))  # the venv python inside the image
+    env = {"ENCODER_PORT": str(port), "PATH": "/usr/bin:/bin"}
+    return (
+        subprocess.run([sys.executable, flag, code], env=env, capture_output=True, timeout=30).returncode == 0
+    )
+
+
+def test_a_draining_replica_is_retried_around_and_benched(tiny_bundle: Path, tmp_path: Path) -> None:
+    requests = 40
+    with ExitStack() as stack:
+        replica = stack.enter_context(ServiceProcess(tiny_bundle, provider="cpu", intra_op_threads=1))
+        draining_address, hits = stack.enter_context(draining_replica())
+        # Docker marks the draining container unhealthy from the same 503 that nginx retries around.
+        assert docker_healthcheck_passes(replica.port)
+        assert not docker_healthcheck_passes(int(draining_address.rsplit(":", 1)[1]))
+        hits.clear()
+        url, log = start_nginx(stack, [draining_address, address(replica)], tmp_path / "nginx")
+        with httpx.Client(base_url=url, timeout=30.0) as http:
+            statuses = [
+                http.post("/embed", json={"inputs": TEXTS[i % 3]}).status_code for i in range(requests)
+            ]
+    assert statuses == [200] * requests
+    retried = re.findall(
+        rf"upstream={re.escape(draining_address)}, {re.escape(address(replica))} ", log.read_text()
+    )
+    assert hits and len(retried) == len(hits), "every 503 of the draining replica is retried on the ready one"
+    # Round robin alone would send it every other request; after a 503, max_fails=1 benches it a while.
+    assert len(hits) < requests / 4, f"the draining replica kept getting traffic: {len(hits)} of {requests}"

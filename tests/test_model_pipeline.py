@@ -1,0 +1,298 @@
+"""End-to-end through the `encoder` CLI on a tiny model: tokenizer -> pretraining with falling loss ->
+embedding and classification fine-tunes -> evaluation; resume equivalence; a 2-process DDP step."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import encoder_cli
+from model.run import load_run
+
+CATEGORIES = {
+    "animal": ["dog", "cat", "horse", "sheep", "goat", "mouse", "lion", "tiger", "bear", "wolf"],
+    "food": ["bread", "cheese", "apple", "soup", "rice", "pasta", "cake", "honey", "butter", "salad"],
+    "tool": ["hammer", "saw", "drill", "wrench", "shovel", "chisel", "axe", "rake", "knife", "ladder"],
+}
+TEMPLATES = {
+    "animal": ["the {w} runs across the field", "a wild {w} sleeps in the forest", "my {w} eats grass"],
+    "food": ["we cook the {w} for dinner", "fresh {w} tastes sweet", "she bakes {w} in the oven"],
+    "tool": ["he fixes the fence with a {w}", "the {w} cuts wood", "a heavy {w} hangs in the shed"],
+}
+TINY_TRAINING = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "8",
+    "--threads",
+    "2",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
+
+
+def encoder(*argv: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """Run `encoder ARGV` in-process and return the JSON object on its last stdout line."""
+    capsys.readouterr()
+    encoder_cli.main([str(arg) for arg in argv])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def sentences(seed: int, count: int) -> list[tuple[str, str, str]]:
+    """(category, word, sentence) triples from the templates."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        category = rng.choice(sorted(CATEGORIES))
+        word = rng.choice(CATEGORIES[category])
+        rows.append((category, word, rng.choice(TEMPLATES[category]).format(w=word)))
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_data")
+    text = root / "corpus.txt"
+    text.write_text("\n".join(sentence for _, _, sentence in sentences(0, 3000)) + "\n")
+    train, test = sentences(1, 400), sentences(2, 90)
+    write_jsonl(root / "classify_train.jsonl", [{"text": s, "label": c} for c, _, s in train])
+    write_jsonl(root / "classify_test.jsonl", [{"text": s, "label": c} for c, _, s in test])
+    write_jsonl(root / "pairs.jsonl", [{"query": w, "positive": s} for _, w, s in train])
+    write_jsonl(root / "corpus.jsonl", [{"id": f"d{i}", "text": s} for i, (_, _, s) in enumerate(test[:30])])
+    queries = [{"id": f"q{i}", "text": w, "relevant": [f"d{i}"]} for i, (_, w, _) in enumerate(test[:30])]
+    write_jsonl(root / "queries.jsonl", queries)
+    return {"root": root, "text": text}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus: dict[str, Path]) -> Path:
+    path = corpus["root"] / "tokenizer.json"
+    encoder_cli.main(
+        ["tokenizer", "train", "--corpus", str(corpus["text"]), "--vocab-size", "200", "--out", str(path)]
+    )
+    return path
+
+
+def metric_losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end(
+    corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = corpus["root"]
+    pre = tmp_path / "pre"
+    result = encoder(
+        "pretrain",
+        "--tokenizer",
+        tokenizer,
+        "--corpus",
+        corpus["text"],
+        "--out",
+        pre,
+        "--max-steps",
+        "40",
+        "--lr",
+        "3e-3",
+        *TINY_TRAINING,
+        capsys=capsys,
+    )
+    assert result["steps"] == 40 and result["finished"]
+    losses = metric_losses(pre)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    assert load_run(pre).kind == "pretrain"
+
+    embed = tmp_path / "embed"
+    result = encoder(
+        "finetune",
+        "embed",
+        "--init",
+        pre,
+        "--train",
+        root / "pairs.jsonl",
+        "--out",
+        embed,
+        "--max-steps",
+        "15",
+        "--batch-size",
+        "16",
+        "--matryoshka",
+        "16,32",
+        "--threads",
+        "2",
+        "--no-progress",
+        capsys=capsys,
+    )
+    assert result["steps"] == 15
+    embed_run = load_run(embed)
+    assert (embed_run.kind, embed_run.normalize, embed_run.matryoshka_dims) == ("embed", True, [16, 32])
+
+    classify = tmp_path / "classify"
+    result = encoder(
+        "finetune",
+        "classify",
+        "--init",
+        embed,
+        "--train",
+        root / "classify_train.jsonl",
+        "--eval",
+        root / "classify_test.jsonl",
+        "--out",
+        classify,
+        "--freeze-encoder",
+        "--epochs",
+        "30",
+        "--threads",
+        "2",
+        "--no-progress",
+        capsys=capsys,
+    )
+    assert result["eval"]["accuracy"] > 0.8  # three easy classes; chance is 1/3
+    classify_run = load_run(classify)
+    assert classify_run.labels == ["animal", "food", "tool"]
+    assert (classify_run.normalize, classify_run.matryoshka_dims) == (True, [16, 32])
+    for key, value in embed_run.weights.items():
+        assert torch.equal(classify_run.weights[key], value), f"--freeze-encoder changed {key}"
+
+    scores = encoder(
+        "eval", "classify", "--model", classify, "--data", root / "classify_test.jsonl", capsys=capsys
+    )
+    assert scores["accuracy"] == pytest.approx(result["eval"]["accuracy"])
+    assert 0 < scores["macro_f1"] <= 1
+    scores = encoder(
+        "eval",
+        "retrieval",
+        "--model",
+        classify,
+        "--queries",
+        root / "queries.jsonl",
+        "--corpus",
+        root / "corpus.jsonl",
+        capsys=capsys,
+    )
+    assert set(scores) >= {"recall@1", "recall@10", "mrr@10"} and scores["recall@10"] >= scores["recall@1"]
+
+
+def test_full_finetune_and_simcse_run(
+    corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    random_init = tmp_path / "random"
+    encoder(
+        "pretrain",
+        "--tokenizer",
+        tokenizer,
+        "--corpus",
+        corpus["text"],
+        "--out",
+        random_init,
+        "--max-steps",
+        "0",
+        *TINY_TRAINING,
+        capsys=capsys,
+    )
+    result = encoder(
+        "finetune",
+        "classify",
+        "--init",
+        random_init,
+        "--train",
+        corpus["root"] / "classify_train.jsonl",
+        "--out",
+        tmp_path / "classify",
+        "--max-steps",
+        "10",
+        "--threads",
+        "2",
+        "--no-progress",
+        capsys=capsys,
+    )
+    assert result["steps"] == 10 and not result["freeze_encoder"]
+    result = encoder(
+        "finetune",
+        "embed",
+        "--init",
+        random_init,
+        "--train",
+        corpus["text"],
+        "--out",
+        tmp_path / "simcse",
+        "--max-steps",
+        "5",
+        "--batch-size",
+        "16",
+        "--threads",
+        "2",
+        "--no-progress",
+        capsys=capsys,
+    )
+    assert result["simcse"] and result["dropout"] == 0.1
+
+
+def test_resume_gives_the_same_loss_curve(
+    corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--tokenizer", tokenizer, "--corpus", corpus["text"], "--max-steps", "8", *TINY_TRAINING]
+    encoder("pretrain", *common, "--out", tmp_path / "straight", capsys=capsys)
+    interrupted = tmp_path / "interrupted"
+    result = encoder("pretrain", *common, "--out", interrupted, "--stop-after-steps", "3", capsys=capsys)
+    assert result["steps"] == 3 and not result["finished"]
+    assert not (interrupted / "model.safetensors").exists()
+    encoder("pretrain", *common, "--out", interrupted, "--resume", capsys=capsys)
+    straight_losses, resumed_losses = metric_losses(tmp_path / "straight"), metric_losses(interrupted)
+    assert len(resumed_losses) == 8
+    assert resumed_losses == pytest.approx(straight_losses, rel=1e-5)
+    straight, resumed = load_run(tmp_path / "straight"), load_run(interrupted)
+    for key, value in straight.weights.items():
+        torch.testing.assert_close(resumed.weights[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_two_processes_with_gloo(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "encoder_cli",
+        "pretrain",
+        "--tokenizer",
+        str(tokenizer),
+        "--corpus",
+        str(corpus["text"]),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith('{"run"')]
+    assert len(results) == 2 and all(r["world_size"] == 2 and r["steps"] == 2 for r in results)
+    losses = metric_losses(out)
+    assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
+    assert load_run(out).kind == "pretrain"

@@ -1,0 +1,100 @@
+"""Service pieces without a server process: settings and flags, the error table, the torch-free import,
+and in-process (TestClient) checks of failures that a real bundle cannot produce on demand."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.bundle_loader import load_model
+from service.cli import SERVE_FLAGS, add_serve_arguments, settings_overrides
+from service.errors import ErrorType
+from service.main import settings_from
+from service.runtime import ModelOutputs
+from service.settings import CPU_BATCH_LIMITS, CUDA_BATCH_LIMITS, Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_serving_never_imports_torch() -> None:
+    probe = (
+        "import sys, encoder_cli\n"
+        "encoder_cli.build_parser()\n"  # what `encoder serve` imports before it runs
+        "import service.main, service.app, service.batcher, service.runtime\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+
+
+def test_every_setting_is_a_flag() -> None:
+    assert {flag.replace("-", "_") for flag, _, _ in SERVE_FLAGS} == set(Settings.model_fields)
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCODER_MAX_BATCH_SIZE", "3")
+    monkeypatch.setenv("ENCODER_API_KEY", "from-env")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    settings = settings_from(settings_overrides(parser.parse_args(["--max-batch-size", "5"])))
+    assert settings.max_batch_size == 5 and settings.api_key == "from-env"
+    assert settings_from({}).max_batch_size == 3
+    with pytest.raises(ValueError, match="max_queue_items"):
+        settings_from({"max_queue_items": 10, "max_client_batch": 20})
+
+
+def test_batch_defaults_depend_on_the_provider() -> None:
+    settings = Settings()
+    assert settings.batch_limits("cpu") == CPU_BATCH_LIMITS
+    assert settings.batch_limits("cuda") == CUDA_BATCH_LIMITS
+    assert Settings(max_batch_size=1).batch_limits("cuda").max_batch_size == 1
+
+
+def test_error_table_matches_the_design() -> None:
+    expected = {
+        "Validation": 422,
+        "PayloadTooLarge": 413,
+        "Overloaded": 429,
+        "Unauthorized": 401,
+        "Timeout": 504,
+        "Unhealthy": 503,
+        "Backend": 500,
+    }
+    assert {error.tei_name: error.status for error in ErrorType if error.tei_name in expected} == expected
+
+
+def test_backend_failure_is_a_500_and_the_next_request_is_served(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load_model(Settings(bundle=tiny_bundle))
+    real_run = model.runtime.run
+    calls = {"count": 0}
+
+    def fails_once(input_ids: np.ndarray, attention_mask: np.ndarray) -> ModelOutputs:
+        calls["count"] += 1
+        if calls["count"] == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_run(input_ids, attention_mask)
+
+    monkeypatch.setattr(model.runtime, "run", fails_once)
+    with TestClient(create_app(Settings(bundle=tiny_bundle), model)) as client:
+        failed = client.post("/embed", json={"inputs": "a cat"})
+        assert failed.status_code == 500
+        assert failed.json()["error_type"] == "Backend"
+        openai_failed = client.post("/v1/embeddings", json={"input": "a cat"})
+        assert openai_failed.status_code == 200  # the loop survived the failed batch
+        assert client.get("/ready").status_code == 200
+        assert 'encoder_rejected_total{reason="backend"} 1.0' in client.get("/metrics").text
+
+
+def test_bundle_without_classifier_serves_embed_only(tiny_bundle_no_classifier: Path) -> None:
+    with TestClient(create_app(Settings(bundle=tiny_bundle_no_classifier))) as client:
+        assert client.post("/embed", json={"inputs": ["a cat", "the dog"]}).status_code == 200
+        refused = client.post("/classify", json={"inputs": "a cat"})
+        assert refused.status_code == 422 and refused.json()["error_type"] == "Validation"
+        assert client.get("/info").json()["labels"] == []
