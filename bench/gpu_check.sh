@@ -5,13 +5,15 @@
 #      against fp32 on the CPU provider, on texts of mixed lengths, padded like the service pads them;
 #   3. runs the service's side-by-side benchmark with ENCODER_PROVIDER=cuda.
 #
-# Usage: bench/gpu_check.sh [BUNDLE]        (default bundles/default: `make model` builds it)
+# Usage: bench/gpu_check.sh [BUNDLE [FLAG...]]   BUNDLE defaults to bundles/default (`make model`);
+#        FLAGs go to bench/side_by_side.py, e.g. --concurrency 1,32,128,512 --texts-per-request 32
 # The venv needs onnxruntime-gpu instead of onnxruntime (both provide the same module):
 #   .venv/bin/pip uninstall -y onnxruntime && .venv/bin/pip install -e '.[gpu]'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 bundle=${1:-bundles/default}
+shift $(( $# > 0 ? 1 : 0 ))
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -81,4 +83,4 @@ sys.exit(1 if failed else 0)
 PY
 
 step "Side-by-side benchmark on CUDA"
-ENCODER_PROVIDER=cuda "$python" bench/side_by_side.py --bundle "$bundle"
+ENCODER_PROVIDER=cuda "$python" bench/side_by_side.py --bundle "$bundle" "$@"

@@ -143,7 +143,7 @@ def _check_finite(variant: str, batch: Batch, outputs: list[np.ndarray]) -> None
             raise ParityError(f"{variant} parity gate failed: non-finite {name} on the {batch.name} case")
 
 
-def _row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+def row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
     return (reference * candidate).sum(axis=1) / np.maximum(norms, 1e-12)
 
@@ -156,7 +156,7 @@ def _batched_vs_single(run: Runner, batch: Batch) -> tuple[float, float]:
         length = int(batch.attention_mask[row].sum())
         single = run(batch.input_ids[row : row + 1, :length], batch.attention_mask[row : row + 1, :length])[0]
         worst_diff = max(worst_diff, float(np.abs(batched[row] - single[0]).max()))
-        worst_cosine = min(worst_cosine, float(_row_cosines(batched[row : row + 1], single)[0]))
+        worst_cosine = min(worst_cosine, float(row_cosines(batched[row : row + 1], single)[0]))
     return worst_diff, worst_cosine
 
 
@@ -194,7 +194,7 @@ def check_reduced(
         actual = candidate(batch.input_ids, batch.attention_mask)
         _check_finite(variant, batch, actual)
         non_empty = batch.attention_mask.sum(axis=1) > 0
-        cosines.append(_row_cosines(expected[0], actual[0])[non_empty])
+        cosines.append(row_cosines(expected[0], actual[0])[non_empty])
         if len(expected) == 2:
             agreements.append(expected[1].argmax(axis=1)[non_empty] == actual[1].argmax(axis=1)[non_empty])
     all_cosines = np.concatenate(cosines)

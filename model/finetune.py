@@ -45,7 +45,7 @@ class ClassifyOptions:
     threads: int | None = None
     budget_minutes: float | None = None
     max_steps: int | None = None
-    batch_size: int | None = None  # default 32, or 256 with freeze_encoder
+    batch_size: int | None = None  # default 32
     lr: float | None = None  # default 3e-4, or 3e-3 with freeze_encoder
     progress: bool = True
 
@@ -171,14 +171,17 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
             return F.binary_cross_entropy_with_logits(logits, wanted)
         return F.cross_entropy(logits, wanted.argmax(dim=1))
 
-    batch_size = options.batch_size or (256 if options.freeze_encoder else 32)
+    batch_size = options.batch_size or 32
     epochs = options.epochs or (10.0 if options.freeze_encoder else 3.0)
     planned = math.ceil(epochs * max(1, len(texts) // batch_size))
     if options.freeze_encoder:
         # The encoder never changes, so its pooled outputs are computed once and the head trains on them.
         encoder.requires_grad_(False)
         features = infer(InferenceModule(encoder, None), tokenizer, texts, device, desc="features")[0]
-        features = features.to(device)
+        # Pooled embeddings share a large common direction; the head trains on standardised features
+        # (much better conditioned) and the standardisation is folded into its weights afterwards.
+        feature_mean, feature_std = features.mean(dim=0), features.std(dim=0) + 1e-6
+        features = ((features - feature_mean) / feature_std).to(device)
 
         def loss_at(step: int) -> torch.Tensor:
             rows = _batch_indices(len(texts), batch_size, options.seed, step)
@@ -203,6 +206,10 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
         "finetune classify", parameters, groups, loss_at, planned, options, peak_lr, options.out, started
     )
     summary.update(kind="classify", freeze_encoder=options.freeze_encoder, examples=len(texts))
+    if options.freeze_encoder:
+        with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
+            classifier.weight.div_(feature_std.to(device))
+            classifier.bias.sub_(classifier.weight @ feature_mean.to(device))
     if options.eval is not None:
         eval_texts, eval_targets = read_classification_rows(options.eval, options.multi_label)
         for number, target in enumerate(eval_targets, start=1):

@@ -157,12 +157,15 @@ async def encode(
         state.metrics.truncated_inputs.inc(sum(tokenized.truncated))
         inference = asyncio.ensure_future(batcher.infer(tokenized.token_ids, deadline))
         disconnect = asyncio.ensure_future(wait_for_disconnect(request))
-        await asyncio.wait((inference, disconnect), return_when=asyncio.FIRST_COMPLETED)
-        if not inference.done():
-            inference.cancel()  # the batcher drops its items that have not run yet
+        try:
+            await asyncio.wait((inference, disconnect), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Whichever is still pending goes: a cancelled inference has its queued items dropped.
+            inference.cancel()
+            disconnect.cancel()
+        if inference.cancelled():
             state.metrics.rejected.labels(reason=CLIENT_DISCONNECTED).inc()
             return Response(status_code=CLIENT_CLOSED_STATUS)
-        disconnect.cancel()
         return Encoded(inference.result(), token_count, tokenize_seconds, started)
     finally:
         state.in_flight -= 1

@@ -5,37 +5,43 @@ Only argparse is imported here; the service (FastAPI, ONNX Runtime) is imported 
 
 import argparse
 
-# (flag, type, choices): mirrors service.settings.Settings, which a test keeps in step with this table.
-SERVE_FLAGS: list[tuple[str, type, tuple[str, ...] | None]] = [
-    ("bundle", str, None),
-    ("variant", str, ("auto", "fp32", "fp16", "int8")),
-    ("provider", str, ("auto", "cuda", "cpu")),
-    ("max-batch-tokens", int, None),
-    ("max-batch-size", int, None),
-    ("max-wait-ms", float, None),
-    ("max-queue-items", int, None),
-    ("max-client-batch", int, None),
-    ("max-input-chars", int, None),
-    ("max-payload-bytes", int, None),
-    ("request-timeout-s", float, None),
-    ("api-key", str, None),
-    ("intra-op-threads", int, None),
-    ("host", str, None),
-    ("port", int, None),
+# (flag, type, choices, help): mirrors service.settings.Settings (a test keeps the two in step); the
+# help texts live here because this module may not import pydantic.
+SERVE_FLAGS: list[tuple[str, type, tuple[str, ...] | None, str]] = [
+    ("bundle", str, None, "model bundle directory (default bundles/default)"),
+    (
+        "variant",
+        str,
+        ("auto", "fp32", "fp16", "int8"),
+        "model file; auto: fp16 on CUDA, int8 on CPU if present",
+    ),
+    ("provider", str, ("auto", "cuda", "cpu"), "auto: CUDA when onnxruntime-gpu sees a GPU, else CPU"),
+    ("max-batch-tokens", int, None, "padded tokens per batch (default 4096 on CPU, 16384 on CUDA)"),
+    ("max-batch-size", int, None, "texts per batch (default 32 on CPU, 512 on CUDA); 1 turns batching off"),
+    ("max-wait-ms", float, None, "wait for requests still being tokenised (default 0)"),
+    ("max-queue-items", int, None, "queued texts before requests get 429 (default 8192)"),
+    ("max-client-batch", int, None, "inputs per request (default 1024)"),
+    ("max-input-chars", int, None, "characters per input (default 100000)"),
+    ("max-payload-bytes", int, None, "request body size (default 8 MiB)"),
+    ("request-timeout-s", float, None, "deadline per request, 504 after it (default 30)"),
+    ("api-key", str, None, "require 'Authorization: Bearer KEY' (default: no key)"),
+    ("intra-op-threads", int, None, "ONNX Runtime intra-op threads (default 0: one per core)"),
+    ("host", str, None, "address to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
+    ("port", int, None, "port to bind (default 8000)"),
 ]
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    for flag, value_type, choices in SERVE_FLAGS:
+    for flag, value_type, choices, help_text in SERVE_FLAGS:
         environment = "ENCODER_" + flag.upper().replace("-", "_")
         parser.add_argument(
-            f"--{flag}", type=value_type, choices=choices, default=None, help=f"(env {environment})"
+            f"--{flag}", type=value_type, choices=choices, default=None, help=f"{help_text} [{environment}]"
         )
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The flags given on the command line; the rest come from ENCODER_* variables or defaults."""
-    names = [flag.replace("-", "_") for flag, _, _ in SERVE_FLAGS]
+    names = [flag.replace("-", "_") for flag, *_ in SERVE_FLAGS]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -1,4 +1,5 @@
-"""Service settings (DESIGN.md §7): `ENCODER_*` environment variables, each also a flag of `encoder serve`."""
+"""Service settings (DESIGN.md §7): `ENCODER_*` environment variables, each also a flag of `encoder serve`
+(service/cli.py holds the flags and their help texts; a test keeps the two in step)."""
 
 from pathlib import Path
 from typing import Literal
@@ -10,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class BatchLimits(BaseModel):
     max_batch_tokens: int = Field(gt=0)  # padded tokens (batch size x longest item) per batch
     max_batch_size: int = Field(gt=0)  # items per batch
-    max_wait_ms: float = Field(ge=0)
+    max_wait_ms: float = Field(ge=0)  # how long a batch may wait for requests still being tokenised
 
 
 # Measured on a 2-core CPU (BENCHMARKS.md): throughput stops improving beyond ~32 items, while large
@@ -24,33 +25,24 @@ CUDA_BATCH_LIMITS = BatchLimits(max_batch_tokens=16384, max_batch_size=512, max_
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ENCODER_", extra="ignore")
 
-    bundle: Path = Field(Path("bundles/default"), description="model bundle directory")
-    variant: Literal["auto", "fp32", "fp16", "int8"] = Field(
-        "auto", description="model file to serve; auto: fp16 on CUDA, int8 on CPU, when the bundle has them"
-    )
-    provider: Literal["auto", "cuda", "cpu"] = Field(
-        "auto", description="execution provider; auto: CUDA when onnxruntime-gpu sees a GPU, else CPU"
-    )
-    max_batch_tokens: int | None = Field(
-        None, gt=0, description="padded tokens per batch (default: 4096 on CPU, 16384 on CUDA)"
-    )
-    max_batch_size: int | None = Field(
-        None, gt=0, description="items per batch (default: 32 on CPU, 512 on CUDA); 1 turns batching off"
-    )
-    max_wait_ms: float | None = Field(
-        None,
-        ge=0,
-        description="how long a batch waits for requests still being tokenised (default 0: never wait)",
-    )
-    max_queue_items: int = Field(8192, gt=0, description="queued texts before requests get 429")
-    max_client_batch: int = Field(1024, gt=0, description="inputs per request")
-    max_input_chars: int = Field(100_000, gt=0, description="characters per input")
-    max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0, description="request body size")
-    request_timeout_s: float = Field(30.0, gt=0, description="deadline per request (504 when passed)")
-    api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
-    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in containers)")
-    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    bundle: Path = Path("bundles/default")
+    variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    provider: Literal["auto", "cuda", "cpu"] = "auto"
+    # None: the provider's default (CPU_BATCH_LIMITS or CUDA_BATCH_LIMITS).
+    max_batch_tokens: int | None = Field(None, gt=0)
+    max_batch_size: int | None = Field(None, gt=0)
+    max_wait_ms: float | None = Field(None, ge=0)
+    # About a second of work on a 2-core CPU for a small model; beyond it clients are better off retrying.
+    max_queue_items: int = Field(8192, gt=0)
+    # TEI-like limits that a client will not trip by accident.
+    max_client_batch: int = Field(1024, gt=0)
+    max_input_chars: int = Field(100_000, gt=0)
+    max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+    api_key: str | None = None
+    intra_op_threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default, one thread per physical core
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
 
     @model_validator(mode="after")
     def _queue_holds_a_client_batch(self) -> "Settings":

@@ -250,7 +250,7 @@ def test_killing_a_replica_mid_load_fails_no_request(scale_out: Stack) -> None:
     )
 
 
-def test_dashboard_queries_run_on_prometheus(scale_out: Stack) -> None:
+def test_dashboard_queries_run_on_prometheus(scale_out: Stack, tmp_path: Path) -> None:
     with httpx.Client(base_url=scale_out.proxy_url, timeout=30.0) as http:
         for index in range(20):
             assert http.post("/embed", json={"inputs": TEXTS[: 1 + index % 3]}).status_code == 200
@@ -272,6 +272,19 @@ def test_dashboard_queries_run_on_prometheus(scale_out: Stack) -> None:
         without_data = [name for name, expr in exprs.items() if not scale_out.prometheus_query(expr)]
         time.sleep(0.5)
     assert not without_data, f"panels without data: {without_data}"
+    # The same queries drawn as the picture in the docs.
+    picture = tmp_path / "dashboard.png"
+    renderer = [sys.executable, str(DEPLOY / "grafana" / "render_dashboard.py"), "--minutes", "1"]
+    renderer += [
+        "--prometheus",
+        scale_out.prometheus_url,
+        "--rate-interval",
+        RATE_INTERVAL,
+        "--out",
+        str(picture),
+    ]
+    subprocess.run(renderer, check=True, capture_output=True, timeout=120)
+    assert picture.read_bytes().startswith(b"\x89PNG")
 
 
 class DrainingReplica(BaseHTTPRequestHandler):

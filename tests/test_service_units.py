@@ -33,7 +33,7 @@ def test_serving_never_imports_torch() -> None:
 
 
 def test_every_setting_is_a_flag() -> None:
-    assert {flag.replace("-", "_") for flag, _, _ in SERVE_FLAGS} == set(Settings.model_fields)
+    assert {flag.replace("-", "_") for flag, *_ in SERVE_FLAGS} == set(Settings.model_fields)
 
 
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
