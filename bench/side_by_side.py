@@ -37,16 +37,18 @@ from service.settings import Settings  # noqa: E402
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def ceiling(model: LoadedModel, texts: list[str], seconds_per_size: float) -> dict[str, float]:
-    """Best in-process texts/s over batch sizes, tokenisation included (the service tokenises too)."""
-    pad_id = model.tokenizer.pad_id
+def ceiling(model: LoadedModel, texts: list[str], seconds_per_size: float) -> dict[str, object]:
+    """Best in-process texts/s over batch sizes. Texts are batched in length order (the least padding
+    any batcher could achieve), and tokenisation is included (the service tokenises too)."""
+    lengths = [len(ids) for ids in model.tokenizer.encode(texts).token_ids]
+    by_length = [text for _, text in sorted(zip(lengths, texts, strict=True))]
     best_size, best_rate, rates = 0, 0.0, {}
     for size in BATCH_SIZES:
         done, position, started = 0, 0, time.perf_counter()
         while time.perf_counter() - started < seconds_per_size:
-            chunk = texts[position : position + size] or texts[:size]
-            position = (position + size) % len(texts)
-            run_texts(model, chunk, pad_id)
+            chunk = by_length[position : position + size] or by_length[:size]
+            position = (position + size) % len(by_length)
+            run_texts(model, chunk, model.tokenizer.pad_id)
             done += len(chunk)
         rate = done / (time.perf_counter() - started)
         rates[str(size)] = round(rate, 1)

@@ -28,7 +28,7 @@ from bundle.manifest import (
 )
 from encoder_cli import CommandError
 from export import parity
-from export.onnx_graph import export_onnx
+from export.onnx_graph import check_interface, export_onnx
 from export.variants import convert_fp16, fuse_for_ort, quantize_int8
 
 Progress = Callable[[str], None]
@@ -89,7 +89,7 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
 
     progress("export fp32 graph")
     fp32_path = staging / VARIANT_FILES["fp32"]
-    export_onnx(module, fp32_path, source.max_seq_len)
+    output_names = export_onnx(module, fp32_path, source.max_seq_len)
     progress("parity fp32 vs PyTorch")
     fp32_parity = parity.check_fp32(reference, parity.ort_runner(fp32_path), batches, options.thresholds)
     fusions: list[str] = []
@@ -97,6 +97,7 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
         progress("fuse fp32 graph for ONNX Runtime")
         fused_path = staging / "fused.onnx"
         fusions = fuse_for_ort(fp32_path, fused_path)
+        check_interface(fused_path, output_names)
         fp32_parity = parity.check_fp32(
             reference, parity.ort_runner(fused_path), batches, options.thresholds, variant="fp32 (fused)"
         )
@@ -123,6 +124,7 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
         progress(f"{variant} graph and parity vs fp32")
         path = staging / VARIANT_FILES[variant]
         convert(fp32_path, path)
+        check_interface(path, output_names)
         runner = parity.ort_runner(path)
         parities[variant] = parity.check_reduced(variant, fp32_runner, runner, batches, min_cosine)
         if options.eval_data is not None:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
+import onnx_ir
 import torch
 
 from encoder_cli import CommandError
@@ -52,16 +53,19 @@ def export_onnx(module: torch.nn.Module, path: Path, max_seq_len: int) -> list[s
     with warnings.catch_warnings(), _exporter_logs_silenced():
         # The exporter warns about axis renaming and deprecations that do not concern the result.
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            example_inputs(),
-            dynamo=True,
-            input_names=list(INPUT_NAMES),
-            dynamic_shapes={"input_ids": axes, "attention_mask": axes},
-            opset_version=OPSET,
-            external_data=False,
-            verbose=False,
-        )
+        try:
+            program = torch.onnx.export(
+                module,
+                example_inputs(),
+                dynamo=True,
+                input_names=list(INPUT_NAMES),
+                dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+                opset_version=OPSET,
+                external_data=False,
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many types; the user needs the first line
+            raise CommandError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from exc
     assert program is not None
     _rename_outputs(program.model, output_names)
     program.save(str(path), external_data=False)
@@ -71,11 +75,11 @@ def export_onnx(module: torch.nn.Module, path: Path, max_seq_len: int) -> list[s
     return output_names
 
 
-def _rename_outputs(model: "object", output_names: list[str]) -> None:
+def _rename_outputs(model: onnx_ir.Model, output_names: list[str]) -> None:
     # torch.onnx names intermediate values after the aten op, so an nn.Embedding yields a value
     # called "embedding"; passing output_names= then produces a duplicate name and an invalid graph.
     # Rename clashing intermediates first, then the outputs.
-    graph = model.graph  # type: ignore[attr-defined]
+    graph = model.graph
     outputs = list(graph.outputs)
     for node in graph:
         for value in node.outputs:

@@ -2,7 +2,6 @@
 wall-clock budget, the metrics log and the torchrun (DDP) process group."""
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +28,14 @@ def set_threads(threads: int | None) -> int:
     return count
 
 
-def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Linear warmup to `peak`, then linear decay to zero at total_steps (BERT; suits short budgets)."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    remaining = max(total_steps - warmup_steps, 1)
-    return peak * max(0.0, (total_steps - step) / remaining)
-
-
 @dataclass
 class Schedule:
-    """Warmup + linear decay over --max-steps, over the wall-clock budget, or over whichever of the two
-    runs out first. The budget is tracked in seconds, not in steps estimated up front, because on a
-    shared machine the step time drifts (Cramming, Geiping & Goldstein 2022, does the same).
-    Only the step-sized schedule is reproducible run to run."""
+    """Linear warmup to the peak, then linear decay to zero (BERT; suits short budgets), over
+    --max-steps, over the wall-clock budget, or over whichever of the two runs out first.
+
+    The budget is tracked in seconds, not in steps estimated up front, because on a shared machine
+    the step time drifts (Cramming, Geiping & Goldstein 2022, does the same). Only the step-sized
+    schedule is reproducible run to run."""
 
     peak_lr: float
     max_steps: int | None
@@ -60,17 +53,14 @@ class Schedule:
         return (self.max_steps is not None and step >= self.max_steps) or time_fraction >= 1.0
 
     def lr(self, step: int, time_fraction: float) -> float:
-        rates = []
-        if self.max_steps is not None:
-            warmup = max(1, math.ceil(self.max_steps * self.warmup_fraction))
-            rates.append(learning_rate(step, self.max_steps, warmup, self.peak_lr))
-        if self.budget_seconds is not None:
-            fraction = max(time_fraction, 1e-3)
-            rates.append(
-                self.peak_lr
-                * min(fraction / self.warmup_fraction, (1 - fraction) / (1 - self.warmup_fraction))
-            )
-        return max(0.0, min(rates))
+        """Progress is the larger of the step fraction and the time fraction; warmup uses the progress
+        after this step, so the first step does not run at a learning rate of zero."""
+        steps = self.max_steps or 0
+        progress = max(step / steps if steps else 0.0, time_fraction)
+        progress_after = max((step + 1) / steps if steps else 0.0, time_fraction, 1e-3)
+        warmup = progress_after / self.warmup_fraction
+        decay = (1 - progress) / (1 - self.warmup_fraction)
+        return self.peak_lr * max(0.0, min(1.0, warmup, decay))
 
 
 class MetricsLog:

@@ -160,10 +160,11 @@ async def encode(
         try:
             await asyncio.wait((inference, disconnect), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            client_gone = not inference.done()
             # Whichever is still pending goes: a cancelled inference has its queued items dropped.
             inference.cancel()
             disconnect.cancel()
-        if inference.cancelled():
+        if client_gone:
             state.metrics.rejected.labels(reason=CLIENT_DISCONNECTED).inc()
             return Response(status_code=CLIENT_CLOSED_STATUS)
         return Encoded(inference.result(), token_count, tokenize_seconds, started)

@@ -34,8 +34,10 @@ def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def compose_config(profile: str) -> dict[str, Any]:
-    result = run_tool(system_tool("docker-compose"), "--profile", profile, "config")
+def compose_config() -> dict[str, Any]:
+    """The resolved compose file with every profile enabled, so that every service is in it."""
+    profiles = [arg for profile in PROFILES for arg in ("--profile", profile)]
+    result = run_tool(system_tool("docker-compose"), *profiles, "config")
     return yaml.safe_load(result.stdout)
 
 
@@ -126,7 +128,7 @@ def test_dockerignore_lets_in_exactly_what_the_wheel_stage_copies() -> None:
 
 
 def test_compose_gpu_service_reserves_a_gpu_and_every_replica_mounts_the_bundle() -> None:
-    services = compose_config("gpu")["services"]
+    services = compose_config()["services"]
     devices = services["encoder"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     for name in ("encoder", "encoder-cpu", "encoder-replica"):
@@ -138,7 +140,7 @@ def test_compose_gpu_service_reserves_a_gpu_and_every_replica_mounts_the_bundle(
 
 
 def test_prometheus_discovers_every_encoder_service() -> None:
-    services = compose_config("scale")["services"]
+    services = compose_config()["services"]
     scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"]
     encoder_job = next(job for job in scrape if job["job_name"] == "encoder")
     (discovery,) = encoder_job["dns_sd_configs"]
@@ -149,7 +151,7 @@ def test_prometheus_discovers_every_encoder_service() -> None:
 
 
 def test_scale_profile_fronts_the_replicas_with_the_project_nginx_config() -> None:
-    services = compose_config("scale")["services"]
+    services = compose_config()["services"]
     nginx = services["nginx"]
     assert any(volume.startswith(f"{DEPLOY / 'nginx' / 'nginx.conf'}:") for volume in nginx["volumes"])
     assert nginx["depends_on"]["encoder-replica"]["condition"] == "service_healthy"
@@ -200,7 +202,7 @@ def test_grafana_dashboard_is_importable() -> None:
     provider = yaml.safe_load(
         (DEPLOY / "grafana" / "provisioning" / "dashboards" / "encoder.yml").read_text()
     )
-    grafana_volumes = compose_config("cpu")["services"]["grafana"]["volumes"]
+    grafana_volumes = compose_config()["services"]["grafana"]["volumes"]
     assert f"{DASHBOARD.parent}:{provider['providers'][0]['options']['path']}:ro" in grafana_volumes
 
 

@@ -161,3 +161,14 @@ def test_retrieval_pairs_metric(tiny_runs: Any, tmp_path: Path) -> None:
         parity.torch_runner(source.module), source.tokenizer, parity.EvalData.read(pairs), None
     )
     assert metric == {"recall@1": 1.0}  # identical query and positive always retrieve themselves
+
+
+def test_fused_graph_is_gated_and_its_fusions_recorded(tiny_runs: Any, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    options = ExportOptions(variants=["fp32"], fuse=True)
+    write_bundle(source_from_run(tiny_runs.classify_run), out, options, lambda _: None)
+    fp32 = verify_bundle(out).variants["fp32"]
+    assert fp32.fusions and all("x" in fusion for fusion in fp32.fusions)
+    assert fp32.parity["max_abs_diff"] <= 1e-4
+    domains = {node.domain for node in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "com.microsoft" in domains  # ORT contrib ops: the stored graph is the fused one

@@ -235,30 +235,38 @@ def test_api_key_and_deadline(tiny_bundle: Path) -> None:
 
 
 def test_sigterm_drains_without_losing_a_request(tiny_bundle: Path) -> None:
-    # Batching off and long inputs: the queued work takes a few seconds to drain.
-    service = ServiceProcess(tiny_bundle, max_batch_size=1, variant="fp32")
+    # Batching off and 8192 queued texts: the queued work takes seconds to drain.
+    service = ServiceProcess(tiny_bundle, max_batch_size=1, max_queue_items=10000, variant="fp32")
+    requests, texts_per_request = 32, 256
     with service:
 
-        async def scenario() -> tuple[list[httpx.Response], int, int]:
-            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as client:
-                payload = {"inputs": [f"{TEXTS[2]} {index}" for index in range(128)]}
-                work = [
-                    asyncio.create_task(client.post(f"{service.base_url}/embed", json=payload))
-                    for _ in range(24)
-                ]
-                await asyncio.sleep(0.5)  # every request accepted and queued
-                service.process.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
-                async with httpx.AsyncClient(timeout=10) as probe:  # a new connection, as a load balancer's
-                    ready = await probe.get(f"{service.base_url}/ready")
-                    refused = await probe.post(f"{service.base_url}/embed", json={"inputs": "a cat"})
+        async def scenario() -> tuple[list[httpx.Response], list[int]]:
+            limits = httpx.Limits(max_connections=requests)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+                payload = {"inputs": [f"{TEXTS[2]} {index}" for index in range(texts_per_request)]}
+                url = f"{service.base_url}/embed"
+                work = [asyncio.create_task(client.post(url, json=payload)) for _ in range(requests)]
+                async with httpx.AsyncClient(timeout=10) as probe:  # new connections, as a load balancer's
+                    while (
+                        "\nencoder_queue_items 0.0" in (await probe.get(f"{service.base_url}/metrics")).text
+                    ):
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.3)  # let the last requests be tokenised and queued too
+                    service.process.send_signal(signal.SIGTERM)
+                    statuses = []
+                    for _ in range(50):
+                        statuses.append((await probe.get(f"{service.base_url}/ready")).status_code)
+                        if statuses[-1] == 503:
+                            break
+                        await asyncio.sleep(0.02)
+                    refused = await probe.post(url, json={"inputs": "a cat"})
                 assert_error(refused, 503, "Unhealthy")
-                return await asyncio.gather(*work), ready.status_code, refused.status_code
+                return await asyncio.gather(*work), statuses
 
-        responses, ready_status, _ = asyncio.run(scenario())
-        assert ready_status == 503
-        assert [response.status_code for response in responses] == [200] * 24
-        assert all(len(response.json()) == 128 for response in responses)
+        responses, ready_statuses = asyncio.run(scenario())
+        assert ready_statuses[-1] == 503
+        assert [response.status_code for response in responses] == [200] * requests
+        assert all(len(response.json()) == texts_per_request for response in responses)
         assert service.process.wait(30) == 0
         assert "draining" in service.log()
 
