@@ -4,6 +4,7 @@ Both read their init RUN through load_run, so any RUN kind can be the starting p
 `pretrain --max-steps 0` RUN is the random-initialisation baseline.
 """
 
+import functools
 import math
 import sys
 import time
@@ -45,7 +46,7 @@ class ClassifyOptions:
     threads: int | None = None
     budget_minutes: float | None = None
     max_steps: int | None = None
-    batch_size: int | None = None  # default 32
+    batch_size: int | None = None  # default 32, or 256 with freeze_encoder
     lr: float | None = None  # default 3e-4, or 3e-3 with freeze_encoder
     progress: bool = True
 
@@ -69,6 +70,7 @@ class EmbedOptions:
     progress: bool = True
 
 
+@functools.lru_cache(maxsize=2)
 def _epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
@@ -171,7 +173,7 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
             return F.binary_cross_entropy_with_logits(logits, wanted)
         return F.cross_entropy(logits, wanted.argmax(dim=1))
 
-    batch_size = options.batch_size or 32
+    batch_size = options.batch_size or (256 if options.freeze_encoder else 32)
     epochs = options.epochs or (10.0 if options.freeze_encoder else 3.0)
     planned = math.ceil(epochs * max(1, len(texts) // batch_size))
     if options.freeze_encoder:

@@ -198,9 +198,14 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
-            batch = await self._next_batch()
-            if batch:
-                await self._run(batch)
+            try:
+                batch = await self._next_batch()
+                if batch:
+                    await self._run(batch)
+            except Exception:
+                # A bug here must not end the only consumer of the queue (every later request would
+                # then time out); the items in hand time out at their deadline, the rest are served.
+                logger.exception("batching loop error, continuing")
 
     async def _next_batch(self) -> list[_Item]:
         while not self._queue:

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int | None = Field(None, gt=0)
     max_batch_size: int | None = Field(None, gt=0)
     max_wait_ms: float | None = Field(None, ge=0)
-    # About a second of work on a 2-core CPU for a small model; beyond it clients are better off retrying.
+    # A few seconds of work for the default model on 2 CPU cores (well under the deadline): beyond that a
+    # client is better served by a 429 and a retry, possibly on another replica, than by a long wait.
     max_queue_items: int = Field(8192, gt=0)
     # TEI-like limits that a client will not trip by accident.
     max_client_batch: int = Field(1024, gt=0)
