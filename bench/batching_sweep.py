@@ -59,7 +59,8 @@ def main() -> None:
     summary = {}
     for name, runs in results.items():
         summary[name] = {
-            key: statistics.median(run[key] for run in runs) for key in ("texts_per_s", "p50", "p99")
+            key: round(statistics.median(run[key] for run in runs), 1)
+            for key in ("texts_per_s", "p50", "p99")
         }
         print(f"{name or 'defaults':50s} {summary[name]}")
     print(json.dumps(summary), flush=True)

@@ -42,6 +42,10 @@ def _add_common_training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=_positive_int, help="use only the first N training rows")
+
+
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser("data", help="build demo data sets")
     data_kinds = data.add_subparsers(dest="data_kind", required=True, metavar="SOURCE")
@@ -90,6 +94,7 @@ def register(subparsers: Any) -> None:
     classify.add_argument("--multi-label", action="store_true", help='rows carry "labels": [str]')
     classify.add_argument("--freeze-encoder", action="store_true", help="train the head only")
     _add_common_training(classify)
+    _add_limit(classify)
     classify.set_defaults(handler=run_finetune_classify)
 
     embed = finetune_kinds.add_parser("embed", help="contrastive sentence embeddings (or SimCSE on raw text)")
@@ -108,6 +113,7 @@ def register(subparsers: Any) -> None:
     embed.add_argument("--temperature", type=_positive_float, default=0.05)
     embed.add_argument("--dropout", type=float, help="training dropout (default 0, 0.1 for SimCSE)")
     _add_common_training(embed)
+    _add_limit(embed)
     embed.set_defaults(handler=run_finetune_embed)
 
     evaluate = subparsers.add_parser("eval", help="evaluate a RUN")
@@ -206,6 +212,7 @@ def run_finetune_classify(args: argparse.Namespace) -> None:
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        limit=args.limit,
         progress=not args.no_progress,
     )
     try:
@@ -234,6 +241,7 @@ def run_finetune_embed(args: argparse.Namespace) -> None:
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        limit=args.limit,
         progress=not args.no_progress,
     )
     try:

@@ -48,6 +48,7 @@ class ClassifyOptions:
     max_steps: int | None = None
     batch_size: int | None = None  # default 32, or 256 with freeze_encoder
     lr: float | None = None  # default 3e-4, or 3e-3 with freeze_encoder
+    limit: int | None = None  # use only the first N training rows (quick builds)
     progress: bool = True
 
 
@@ -67,6 +68,7 @@ class EmbedOptions:
     max_steps: int | None = None
     batch_size: int | None = None  # default 64: in-batch negatives want large batches
     lr: float | None = None  # default 2e-4
+    limit: int | None = None  # use only the first N training rows (quick builds)
     progress: bool = True
 
 
@@ -152,6 +154,7 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
     run, device, started = _prepare(options)
     tokenizer = load_tokenizer(run.tokenizer_path)
     texts, targets = read_classification_rows(options.train, options.multi_label)
+    texts, targets = texts[: options.limit], targets[: options.limit]
     if not options.multi_label and any(len(t) != 1 for t in targets):
         raise DataError(f"{options.train}: single-label rows need exactly one label")
     labels = sorted({label for target in targets for label in target})
@@ -248,16 +251,16 @@ class Pairs:
     simcse: bool
 
 
-def read_pairs(path: Path) -> Pairs:
+def read_pairs(path: Path, limit: int | None = None) -> Pairs:
     """Pairs JSON lines, or raw text (a .txt file or {"text"} rows) for unsupervised SimCSE."""
     if path.suffix == ".txt":
-        lines = read_text_lines([path])
+        lines = read_text_lines([path])[:limit]
         return Pairs(lines, lines, [None] * len(lines), simcse=True)
     rows = read_jsonl(path, ())
     if "query" not in rows[0] and "text" in rows[0]:
-        texts = [str(row["text"]) for row in read_jsonl(path, ("text",))]
+        texts = [str(row["text"]) for row in read_jsonl(path, ("text",))][:limit]
         return Pairs(texts, texts, [None] * len(texts), simcse=True)
-    rows = read_jsonl(path, ("query", "positive"))
+    rows = read_jsonl(path, ("query", "positive"))[:limit]
     negatives = [row.get("negative") for row in rows]
     return Pairs([r["query"] for r in rows], [r["positive"] for r in rows], negatives, simcse=False)
 
@@ -282,7 +285,7 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
     if len(dims) != len(options.matryoshka):
         raise CommandError(f"--matryoshka dims must be smaller than the model's dim {run.config.n_embd}")
     tokenizer = load_tokenizer(run.tokenizer_path)
-    pairs = read_pairs(options.train)
+    pairs = read_pairs(options.train, options.limit)
     query_tokens = TokenizedTexts.encode(tokenizer, pairs.queries)
     positive_tokens = query_tokens if pairs.simcse else TokenizedTexts.encode(tokenizer, pairs.positives)
     negative_rows = [i for i, negative in enumerate(pairs.negatives) if negative is not None]

@@ -89,6 +89,7 @@ def _save_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(model.encoder.config.to_dict(), indent=2) + "\n")
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
     # state.json last: its presence marks a complete checkpoint.
     (path / "state.json").write_text(json.dumps(state, indent=2) + "\n")

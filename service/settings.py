@@ -14,10 +14,10 @@ class BatchLimits(BaseModel):
     max_wait_ms: float = Field(ge=0)  # how long a batch may wait for requests still being tokenised
 
 
-# Measured on a 2-core CPU (BENCHMARKS.md): throughput stops improving beyond ~32 items, while large
-# padded batches make every queued request wait for the slowest item; 4096 padded tokens keep one batch
-# within tens of milliseconds for a small encoder.
-CPU_BATCH_LIMITS = BatchLimits(max_batch_tokens=4096, max_batch_size=32, max_wait_ms=0.0)
+# Measured on 2 shared CPU cores with the default bundle (bench/batching_sweep.py, BENCHMARKS.md):
+# batches of 8 items beat 16, 32 and 64 in throughput and p99 latency (on a CPU a bigger batch adds
+# padding and cache misses, not parallelism), and 1024 padded tokens is 8 items of max_seq_len 128.
+CPU_BATCH_LIMITS = BatchLimits(max_batch_tokens=1024, max_batch_size=8, max_wait_ms=0.0)
 # On a GPU a bigger batch costs almost nothing extra, so the budget is TEI's default token budget.
 CUDA_BATCH_LIMITS = BatchLimits(max_batch_tokens=16384, max_batch_size=512, max_wait_ms=0.0)
 

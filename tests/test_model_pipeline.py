@@ -136,10 +136,10 @@ def test_full_finetune_and_simcse(
     )
     result = encoder(
         f"finetune classify --init {random_init} --train {corpus['root'] / 'classify_train.jsonl'} "
-        f"--out {tmp_path / 'classify'} --max-steps 10 --threads 2 --no-progress",
+        f"--out {tmp_path / 'classify'} --max-steps 10 --limit 100 --threads 2 --no-progress",
         capsys,
     )
-    assert result["steps"] == 10 and not result["freeze_encoder"]
+    assert result["steps"] == 10 and result["examples"] == 100 and not result["freeze_encoder"]
     multi = write_jsonl(
         tmp_path / "multi.jsonl",
         [{"text": s, "labels": [c, "any"] if i % 2 else [c]} for i, (c, _, s) in enumerate(sentences(3, 64))],
