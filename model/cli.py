@@ -73,6 +73,7 @@ def register(subparsers: Any) -> None:
     _add_common_training(pretrain)
     pretrain.add_argument("--mask-prob", type=float, default=0.3)
     pretrain.add_argument("--position", choices=["learned", "sinusoidal"], default="learned")
+    pretrain.add_argument("--seq-len", type=int, help="packed sequence length (default: max_seq_len, 128)")
     pretrain.add_argument(
         "--checkpoint-every", type=int, default=200, help="steps between resume checkpoints"
     )
@@ -175,6 +176,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
         device=args.device,
         mask_prob=args.mask_prob,
         position=args.position,
+        seq_len=args.seq_len,
         checkpoint_every=args.checkpoint_every,
         stop_after_steps=args.stop_after_steps,
         resume=args.resume,

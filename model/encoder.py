@@ -146,6 +146,11 @@ class MaskedLMModel(nn.Module):
 
     The loss is computed only on masked positions (labels != -100): the vocabulary projection is
     the largest matmul, and the other ~70% of positions would be thrown away anyway.
+
+    The decoder keeps one bias (as BERT's does), the only bias of the model: without it, the
+    bias-free network can only express the token frequencies by pushing one constant direction
+    through every hidden state, and on a short budget it gets stuck there (all sentences embed
+    alike). Starting it at the corpus's log-frequencies skips that plateau altogether.
     """
 
     def __init__(self, config: EncoderConfig) -> None:
@@ -153,7 +158,14 @@ class MaskedLMModel(nn.Module):
         self.encoder = Encoder(config)
         self.mlm_transform = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.mlm_norm = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=False)
+        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         nn.init.normal_(self.mlm_transform.weight, mean=0.0, std=0.02)
+
+    @torch.no_grad()
+    def init_bias_from_frequencies(self, token_ids: torch.Tensor) -> None:
+        """Set the decoder bias to the log unigram distribution of `token_ids` (add-one smoothed)."""
+        counts = torch.bincount(token_ids.flatten(), minlength=self.mlm_bias.numel()).float() + 1.0
+        self.mlm_bias.copy_(torch.log(counts / counts.sum()))
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
@@ -162,7 +174,7 @@ class MaskedLMModel(nn.Module):
         selected = labels != -100
         masked_hidden = hidden[selected]  # (N, C)
         masked_hidden = self.mlm_norm(F.gelu(self.mlm_transform(masked_hidden)))
-        logits = F.linear(masked_hidden, self.encoder.tok_emb.weight)  # (N, V)
+        logits = F.linear(masked_hidden, self.encoder.tok_emb.weight, self.mlm_bias)  # (N, V)
         return F.cross_entropy(logits.float(), labels[selected])
 
 

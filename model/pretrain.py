@@ -53,6 +53,10 @@ class PretrainOptions:
     mask_prob: float = 0.3  # Wettig et al. 2023: more than BERT's 15% trains faster
     grad_clip: float = 1.0
     position: PositionKind = "learned"
+    # Packed sequence length (<= max_seq_len). Short packs make attention start out local: at init it
+    # averages over the whole pack, so a 32-token pack gives each masked token mostly its own
+    # sentence as context; on a short CPU budget this escapes the unigram plateau much sooner.
+    seq_len: int | None = None
     checkpoint_every: int = 200
     stop_after_steps: int | None = None  # leave the run unfinished (resumable) after this many steps
     resume: bool = False
@@ -127,10 +131,17 @@ def _pretrain(
         raise CommandError(f"--batch-size {options.batch_size} must be divisible by the {ranks} ranks")
     tokenizer = load_tokenizer(options.tokenizer)
     config = preset_config(options.preset, tokenizer.get_vocab_size(), position=options.position)
-    sequences = pack_corpus(tokenizer, read_text_lines(options.corpus), config.max_seq_len)
+    seq_len = options.seq_len or config.max_seq_len
+    if not 2 <= seq_len <= config.max_seq_len:
+        raise CommandError(
+            f"--seq-len must be between 2 and max_seq_len ({config.max_seq_len}), not {seq_len}"
+        )
+    sequences = pack_corpus(tokenizer, read_text_lines(options.corpus), seq_len)
     batches = Batches(len(sequences), options.batch_size, options.seed)
     torch.manual_seed(options.seed)
-    model = MaskedLMModel(config).to(device)
+    model = MaskedLMModel(config)
+    model.init_bias_from_frequencies(sequences)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, options.weight_decay),
         lr=options.lr,
@@ -258,6 +269,7 @@ def _pretrain(
         "threads": threads,
         "device": device.type,
         "corpus_sequences": len(sequences),
+        "seq_len": seq_len,
         "mask_prob": options.mask_prob,
         "lr": options.lr,
     }

@@ -6,7 +6,6 @@ answer; everything about batching lives in service/batcher.py, every status code
 
 import asyncio
 import base64
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -95,10 +95,10 @@ State = Annotated[ServiceState, Depends(service_state)]
 
 
 def json_response(content: object, headers: dict[str, str] | None = None) -> Response:
-    # Rendered directly: response_model validation of thousands of floats would cost more than the model.
-    return Response(
-        json.dumps(content, separators=(",", ":")), media_type="application/json", headers=headers
-    )
+    # Rendered directly, numpy arrays included: response_model validation and json.dumps of thousands
+    # of floats were the largest costs on the event loop (0.75 ms per 8x256 response; orjson: 0.04 ms).
+    body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 def ready_model(state: ServiceState) -> tuple[LoadedModel, Batcher]:
@@ -186,9 +186,9 @@ def embedding_matrix(result: InferenceResult, dimensions: int | None, normalize:
     # Matryoshka: truncate first, then normalise the kept dimensions.
     matrix = matrix[:, :dimensions] if dimensions else matrix
     if normalize:
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        norms = np.sqrt(np.einsum("nd,nd->n", matrix, matrix))[:, None]  # (N, 1)
         matrix = matrix / np.maximum(norms, 1e-12)
-    return matrix
+    return np.ascontiguousarray(matrix, dtype=np.float32)  # orjson serialises contiguous arrays only
 
 
 router = APIRouter()
@@ -206,7 +206,7 @@ async def embed(body: EmbedRequest, request: Request, state: State) -> Response:
         return encoded
     normalize = model.manifest.embedding.normalize if body.normalize is None else body.normalize
     matrix = embedding_matrix(encoded.result, body.dimensions, normalize)
-    return json_response(matrix.tolist(), encoded.timing_headers())
+    return json_response(matrix, encoded.timing_headers())
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=TEI_ERRORS)
@@ -252,7 +252,7 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, request: Request, stat
     if body.encoding_format == "base64":
         vectors: list = [base64.b64encode(row.astype("<f4").tobytes()).decode() for row in matrix]
     else:
-        vectors = matrix.tolist()
+        vectors = list(matrix)
     content = {
         "object": "list",
         "data": [
@@ -291,6 +291,7 @@ async def info(state: State) -> Info:
         max_seq_len=manifest.max_seq_len,
         variant=model.variant,
         provider=model.runtime.provider,
+        intra_op_threads=model.runtime.intra_op_threads,
         batching=BatchingInfo(
             max_batch_tokens=limits.max_batch_tokens,
             max_batch_size=limits.max_batch_size,

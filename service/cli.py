@@ -25,7 +25,7 @@ SERVE_FLAGS: list[tuple[str, type, tuple[str, ...] | None, str]] = [
     ("max-payload-bytes", int, None, "request body size (default 8 MiB)"),
     ("request-timeout-s", float, None, "deadline per request, 504 after it (default 30)"),
     ("api-key", str, None, "require 'Authorization: Bearer KEY' (default: no key)"),
-    ("intra-op-threads", int, None, "ONNX Runtime intra-op threads (default 0: one per core)"),
+    ("intra-op-threads", int, None, "ONNX Runtime intra-op threads (default 0: one fewer than the CPUs)"),
     ("host", str, None, "address to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
     ("port", int, None, "port to bind (default 8000)"),
 ]

@@ -121,6 +121,7 @@ class Info(BaseModel):
     max_seq_len: int
     variant: str
     provider: str
+    intra_op_threads: int
     batching: BatchingInfo
     service_version: str
 

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     api_key: str | None = None
-    intra_op_threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default, one thread per physical core
+    intra_op_threads: int = Field(0, ge=0)  # 0: service.runtime.default_intra_op_threads()
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 

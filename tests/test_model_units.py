@@ -59,7 +59,10 @@ def test_mlm_loss_only_on_masked_positions_and_tied_decoder() -> None:
     loss.backward()
     assert model.encoder.tok_emb.weight.grad is not None
     names = [name for name, _ in model.named_parameters()]
-    assert not any("bias" in name for name in names)  # no biases anywhere in the encoder or MLM head
+    assert [name for name in names if "bias" in name] == ["mlm_bias"]  # the decoder's, nothing else
+    model.init_bias_from_frequencies(torch.tensor([7, 7, 7, 9]))
+    assert model.mlm_bias.argmax().item() == 7
+    assert torch.exp(model.mlm_bias).sum().item() == pytest.approx(1.0)
     decay, no_decay = optimizer_groups(model, 0.01)
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
 
