@@ -41,10 +41,10 @@ lint: $(BIN)/encoder system-deps
 
 # The default bundle, end to end from the WordNet demo data: data -> tokenizer -> pretrain ->
 # fine-tune embed -> classification head on the frozen embed encoder -> export fp32 + int8 (parity-
-# gated, int8 also by accuracy on the held-out split). It serves /embed and /classify. The step
-# counts fit about 10 minutes on 2 idle CPU cores (pretraining ~2.5 s/step there); raise them on a
-# bigger machine. The frozen-encoder head extracts features for every training row first, so it
-# trains on a 20k-row sample: a linear head gains little from more.
+# gated, int8 also by accuracy on the held-out split; fp32 stored ORT-fused, see BENCHMARKS.md).
+# It serves /embed and /classify. Step counts keep it to about 10 minutes on 2 idle CPU cores (20 min
+# measured while 3 other jobs shared them); raise them on a bigger machine. The frozen-encoder head
+# extracts features for every training row first, so it trains on a 20k-row sample.
 MODEL_RUNS ?= runs/default
 PRETRAIN_STEPS ?= 150
 EMBED_STEPS ?= 80
@@ -62,8 +62,13 @@ model: $(BIN)/encoder system-deps
 	$(BIN)/encoder finetune classify --init $(MODEL_RUNS)/embed --freeze-encoder \
 		--train $(MODEL_RUNS)/data/classify_train_sample.jsonl --eval $(MODEL_RUNS)/data/classify_test.jsonl \
 		--max-steps $(CLASSIFY_STEPS) --out $(MODEL_RUNS)/classify
-	$(BIN)/encoder export --model $(MODEL_RUNS)/classify --name default --variants fp32,int8 \
+	$(BIN)/encoder export --model $(MODEL_RUNS)/classify --name default --variants fp32,int8 --fuse \
 		--eval $(MODEL_RUNS)/data/classify_test.jsonl --out $(BUNDLE) --force
+
+# Service vs. raw ONNX Runtime, and batching on vs. off, side by side (BENCHMARKS.md). About 3 minutes.
+bench: $(BIN)/encoder
+	@test -f $(BUNDLE)/manifest.json || $(MAKE) model
+	$(BIN)/python bench/side_by_side.py --bundle $(BUNDLE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

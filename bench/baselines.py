@@ -27,7 +27,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def tfidf_logistic_regression(train: list[dict[str, Any]], test: list[dict[str, Any]]) -> dict[str, float]:
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     features = vectorizer.fit_transform([row["text"] for row in train])
-    classifier = LogisticRegression(C=10.0, max_iter=300)
+    classifier = LogisticRegression(C=4.0, max_iter=200)
     classifier.fit(features, [row["label"] for row in train])
     predicted = classifier.predict(vectorizer.transform([row["text"] for row in test]))
     return classification_metrics([row["label"] for row in test], list(predicted))

@@ -70,6 +70,8 @@ def write_bundle(source: ExportSource, out: Path, options: ExportOptions, progre
         raise CommandError(f"{out} already exists (pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # mkdtemp makes the directory private (0700); the service may run as another user (containers).
+    staging.chmod(0o755)
     try:
         manifest = _build(source, staging, options, progress)
         verify_bundle(staging)

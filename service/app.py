@@ -296,6 +296,7 @@ async def info(state: State) -> Info:
             max_batch_tokens=limits.max_batch_tokens,
             max_batch_size=limits.max_batch_size,
             max_wait_ms=limits.max_wait_ms,
+            max_padding=limits.max_padding,
             max_queue_items=settings.max_queue_items,
             max_client_batch=settings.max_client_batch,
             max_input_chars=settings.max_input_chars,

@@ -85,26 +85,36 @@ class _Item:
         return len(self.token_ids)
 
 
-def pick_batch(items: list[_Item], max_batch_tokens: int, max_batch_size: int) -> list[_Item]:
+def pick_batch(
+    items: list[_Item], max_batch_tokens: int, max_batch_size: int, max_padding: float = 1.0
+) -> list[_Item]:
     """Choose the batch from `items` (arrival order): always the oldest item, so nothing starves, plus
     neighbours in length order, each time the one that adds the least padding, while the batch's padded
-    size (items x longest) stays within max_batch_tokens and its item count within max_batch_size."""
+    size (items x longest) stays within max_batch_tokens, its item count within max_batch_size, and its
+    padding (the share of padded tokens that are padding) within max_padding."""
     by_length = sorted(range(len(items)), key=lambda position: items[position].length)
     anchor = by_length.index(0)
     low, high = anchor, anchor + 1  # the batch is by_length[low:high]
-    longest = items[0].length
+    longest = real = items[0].length
+
+    def fits(count: int, longest: int, real: int) -> bool:
+        padded = count * longest
+        return padded <= max_batch_tokens and (padded - real) <= max_padding * padded
+
     while high - low < max_batch_size:
         count = high - low
         # A shorter item is padded up to the current longest; a longer one pads every item already in.
-        left_waste = longest - items[by_length[low - 1]].length if low > 0 else None
-        right_length = items[by_length[high]].length if high < len(items) else None
-        left_fits = left_waste is not None and (count + 1) * longest <= max_batch_tokens
-        right_fits = right_length is not None and (count + 1) * right_length <= max_batch_tokens
-        if left_fits and (not right_fits or left_waste <= (right_length - longest) * count):
+        left = items[by_length[low - 1]].length if low > 0 else None
+        right = items[by_length[high]].length if high < len(items) else None
+        left_fits = left is not None and fits(count + 1, longest, real + left)
+        right_fits = right is not None and fits(count + 1, right, real + right)
+        if left_fits and (not right_fits or longest - left <= (right - longest) * count):
             low -= 1
+            real += left
         elif right_fits:
             high += 1
-            longest = right_length
+            longest = right
+            real += right
         else:
             break
     return [items[position] for position in sorted(by_length[low:high])]
@@ -227,7 +237,7 @@ class Batcher:
                 )
                 continue
             live.append(item)
-        batch = pick_batch(live, self.limits.max_batch_tokens, self.limits.max_batch_size) if live else []
+        batch = pick_batch(live, *self.limits.budget) if live else []
         chosen = {id(item) for item in batch}
         self._queue.extendleft(reversed([item for item in live if id(item) not in chosen]))
         self._metrics.queue_items.set(len(self._queue))

@@ -103,6 +103,7 @@ class BatchingInfo(BaseModel):
     max_batch_tokens: int
     max_batch_size: int
     max_wait_ms: float
+    max_padding: float
     max_queue_items: int
     max_client_batch: int
     max_input_chars: int

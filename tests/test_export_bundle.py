@@ -120,6 +120,7 @@ def test_export_cli_writes_bundle_and_refuses_to_overwrite(
     main([*argv, "--force", "--version", "2"])
     assert verify_bundle(out).version == "2"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cli_bundle"]  # no staging left behind
+    assert out.stat().st_mode & 0o755 == 0o755  # readable by the service's (possibly other) user
 
 
 def test_export_refuses_unknown_variant(tiny_runs: Any, tmp_path: Path) -> None:

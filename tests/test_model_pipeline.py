@@ -83,13 +83,16 @@ def metric_losses(run: Path) -> list[float]:
 def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, capsys: Capture) -> None:
     root, pre, embed, classify = corpus["root"], tmp_path / "pre", tmp_path / "embed", tmp_path / "classify"
     result = encoder(
-        f"pretrain --tokenizer {tokenizer} --corpus {corpus['text']} --out {pre} --max-steps 40 --lr 3e-3 "
+        f"pretrain --tokenizer {tokenizer} --corpus {corpus['text']} --out {pre} --max-steps 60 --lr 3e-3 "
         + TINY_TRAINING,
         capsys,
     )
-    assert result["steps"] == 40 and result["finished"]
+    assert result["steps"] == 60 and result["finished"]
     losses = metric_losses(pre)
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    # The decoder bias starts at the unigram log-frequencies, so the loss starts at the unigram
+    # entropy (~3.9 here, not log(200) = 5.3); below it, the encoder is using the context.
+    assert losses[0] < 4.2
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05, losses
     assert load_run(pre).kind == "pretrain"
 
     result = encoder(
@@ -136,10 +139,10 @@ def test_full_finetune_and_simcse(
     )
     result = encoder(
         f"finetune classify --init {random_init} --train {corpus['root'] / 'classify_train.jsonl'} "
-        f"--out {tmp_path / 'classify'} --max-steps 10 --limit 100 --threads 2 --no-progress",
+        f"--out {tmp_path / 'classify'} --max-steps 5 --limit 100 --threads 2 --no-progress",
         capsys,
     )
-    assert result["steps"] == 10 and result["examples"] == 100 and not result["freeze_encoder"]
+    assert result["steps"] == 5 and result["examples"] == 100 and not result["freeze_encoder"]
     multi = write_jsonl(
         tmp_path / "multi.jsonl",
         [{"text": s, "labels": [c, "any"] if i % 2 else [c]} for i, (c, _, s) in enumerate(sentences(3, 64))],

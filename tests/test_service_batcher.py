@@ -174,6 +174,19 @@ def test_pick_batch_always_includes_the_oldest_item() -> None:
     assert batch[0] is items[0] and len(batch) == 1
 
 
+def test_pick_batch_keeps_padding_within_max_padding() -> None:
+    class Item:
+        def __init__(self, length: int) -> None:
+            self.length = length
+
+    items = [Item(length) for length in (10, 20, 10, 11)]
+    unlimited = pick_batch(items, max_batch_tokens=1000, max_batch_size=8)  # type: ignore[arg-type]
+    assert len(unlimited) == 4
+    # 10, 10, 11 pad to 33 tokens (3 of padding, 9%); adding 20 would make 80 tokens, 39 of padding.
+    limited = pick_batch(items, max_batch_tokens=1000, max_batch_size=8, max_padding=0.15)  # type: ignore[arg-type]
+    assert [item.length for item in limited] == [10, 10, 11]
+
+
 def test_request_past_its_deadline_times_out_and_never_runs() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()

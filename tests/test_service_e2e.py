@@ -3,13 +3,14 @@ the official `openai` client; every error row of DESIGN.md §4; overload; SIGTER
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -278,24 +279,35 @@ def metric_value(base_url: str, series: str) -> float:
     raise AssertionError(f"{series} not exposed")
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def test_disconnected_client_items_are_dropped_before_they_run(tiny_bundle: Path) -> None:
     with running_service(tiny_bundle, max_batch_size=1) as url:
         host, port = url.removeprefix("http://").split(":")
-        body = json.dumps({"inputs": [f"{TEXTS[2]} {index}" for index in range(1000)]}).encode()
-        with socket.create_connection((host, int(port))) as client:
-            client.sendall(
-                b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            time.sleep(0.2)  # accepted, tokenised and queued; a few items have run
-        deadline = time.monotonic() + 20
-        while metric_value(url, 'encoder_rejected_total{reason="client_disconnected"}') < 1:
-            assert time.monotonic() < deadline, "the disconnect was never noticed"
-            time.sleep(0.1)
-        time.sleep(0.5)
-        assert metric_value(url, "encoder_batch_size_count") < 1000  # the rest never ran
-        assert metric_value(url, "encoder_queue_items") == 0
+        texts = [f"{LONG_TEXT} {index}" for index in range(1000)]
+        body = json.dumps({"inputs": texts}).encode()
+        raw_request = (
+            b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        with concurrent.futures.ThreadPoolExecutor(1) as background:
+            # A first request occupies the runtime, so the second one's items wait in the queue.
+            first = background.submit(httpx.post, f"{url}/embed", json={"inputs": texts}, timeout=60)
+            wait_for(lambda: metric_value(url, "encoder_queue_items") > 0)
+            with socket.create_connection((host, int(port))) as impatient:
+                impatient.sendall(raw_request)
+                wait_for(lambda: metric_value(url, "encoder_tokenize_duration_seconds_count") >= 2)
+                time.sleep(0.05)  # queued right after tokenisation
+            wait_for(lambda: metric_value(url, 'encoder_rejected_total{reason="client_disconnected"}') >= 1)
+            assert first.result().status_code == 200
+        wait_for(lambda: metric_value(url, "encoder_queue_items") == 0)
+        assert metric_value(url, "encoder_batch_size_count") < 2000  # the second request's items never ran
         assert post(f"{url}/embed", {"inputs": "a cat"}).status_code == 200
 
 
