@@ -65,6 +65,11 @@ model: $(BIN)/encoder system-deps
 	$(BIN)/encoder export --model $(MODEL_RUNS)/classify --name default --variants fp32,int8 --fuse \
 		--eval $(MODEL_RUNS)/data/classify_test.jsonl --out $(BUNDLE) --force
 
+# Serve the default bundle (committed; `make model` rebuilds it) on $(HOST):$(PORT).
+serve: $(BIN)/encoder
+	@test -f $(BUNDLE)/manifest.json || $(MAKE) model
+	$(BIN)/encoder serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
+
 # Service vs. raw ONNX Runtime, and batching on vs. off, side by side (BENCHMARKS.md). About 3 minutes.
 bench: $(BIN)/encoder
 	@test -f $(BUNDLE)/manifest.json || $(MAKE) model

@@ -66,4 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Re-import so that CommandError is the class the packages raise, not a __main__ copy.
+    from encoder_cli import main as encoder_main
+
+    encoder_main()
