@@ -153,8 +153,6 @@ async def encode(
                 "and truncate is false",
             )
         token_count = sum(len(ids) for ids in tokenized.token_ids)
-        state.metrics.input_tokens.inc(token_count)
-        state.metrics.truncated_inputs.inc(sum(tokenized.truncated))
         inference = asyncio.ensure_future(batcher.infer(tokenized.token_ids, deadline))
         disconnect = asyncio.ensure_future(wait_for_disconnect(request))
         try:
@@ -167,7 +165,11 @@ async def encode(
         if client_gone:
             state.metrics.rejected.labels(reason=CLIENT_DISCONNECTED).inc()
             return Response(status_code=CLIENT_CLOSED_STATUS)
-        return Encoded(inference.result(), token_count, tokenize_seconds, started)
+        result = inference.result()  # raises the request's ServiceError (429, 504, 500)
+        # Counted once served, so that rejected requests (e.g. 429s under overload) do not inflate them.
+        state.metrics.input_tokens.inc(token_count)
+        state.metrics.truncated_inputs.inc(sum(tokenized.truncated))
+        return Encoded(result, token_count, tokenize_seconds, started)
     finally:
         state.in_flight -= 1
 

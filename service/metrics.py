@@ -82,7 +82,7 @@ class Metrics:
         )
         self.queue_items = Gauge("encoder_queue_items", "Items waiting in the queue", registry=registry)
         self.input_tokens = Counter(
-            "encoder_input_tokens", "Tokens of all inputs after truncation", registry=registry
+            "encoder_input_tokens", "Tokens of served inputs after truncation", registry=registry
         )
         self.truncated_inputs = Counter(
             "encoder_truncated_inputs", "Inputs truncated to max_seq_len tokens", registry=registry
