@@ -84,6 +84,13 @@ async def hold_runtime(
     return task
 
 
+async def let_tasks_run() -> None:
+    # Yield the event loop a few times so that tasks just created enqueue (or cancel) their items;
+    # deterministic, unlike a wall-clock sleep.
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
 def markers(result: InferenceResult) -> list[int]:
     return [int(output.embedding[0]) for output in result.outputs]
 
@@ -116,7 +123,7 @@ def test_queued_items_flush_in_full_batches_and_return_in_input_order() -> None:
             many = asyncio.create_task(
                 batcher.infer([item_ids(marker, 4) for marker in range(10, 20)], deadline())
             )
-            await asyncio.sleep(0.01)
+            await let_tasks_run()
             assert batcher.queued_items == 10
             runtime.gate.set()
             result = await many
@@ -136,7 +143,7 @@ def test_token_budget_caps_padded_tokens_per_batch() -> None:
                 asyncio.create_task(batcher.infer([item_ids(marker, 10)], deadline()))
                 for marker in range(20, 27)
             ]
-            await asyncio.sleep(0.01)
+            await let_tasks_run()
             runtime.gate.set()
             await asyncio.gather(first, *tasks)
         assert all(rows * seq <= 30 for rows, seq in runtime.padded_shapes)
@@ -157,7 +164,7 @@ def test_batches_group_similar_lengths_without_starving_the_oldest() -> None:
                 asyncio.create_task(batcher.infer([item_ids(marker, length)], deadline()))
                 for marker, length in lengths.items()
             ]
-            await asyncio.sleep(0.01)
+            await let_tasks_run()
             runtime.gate.set()
             await asyncio.gather(first, *tasks)
         assert [sorted(batch) for batch in runtime.batches[1:]] == [[1, 3], [2, 4]]
@@ -212,9 +219,9 @@ def test_cancelled_request_is_dropped_before_it_runs() -> None:
             first = await hold_runtime(batcher, runtime)
             gone = asyncio.create_task(batcher.infer([item_ids(41, 4), item_ids(42, 4)], deadline()))
             kept = asyncio.create_task(batcher.infer([item_ids(43, 4)], deadline()))
-            await asyncio.sleep(0.01)
+            await let_tasks_run()
             gone.cancel()  # what the handler does when the client disconnects
-            await asyncio.sleep(0.01)
+            await let_tasks_run()
             runtime.gate.set()
             await first
             assert markers(await kept) == [43]
@@ -231,7 +238,7 @@ def test_a_failing_batch_fails_only_its_requests_and_the_loop_keeps_serving() ->
             doomed = asyncio.create_task(batcher.infer([item_ids(66, 4)], deadline()))
             neighbour = asyncio.create_task(batcher.infer([item_ids(67, 4)], deadline()))
             later = asyncio.create_task(batcher.infer([item_ids(68, 4)], deadline()))
-            await asyncio.sleep(0.01)
+            await let_tasks_run()
             runtime.gate.set()
             await first
             for task in (doomed, neighbour):  # same batch of two: both fail
@@ -260,7 +267,7 @@ def test_full_queue_refuses_with_overloaded() -> None:
         async with started(runtime, limits(), max_queue_items=4) as batcher:
             first = await hold_runtime(batcher, runtime)
             queued = asyncio.create_task(batcher.infer([item_ids(81, 4)] * 3, deadline()))
-            await asyncio.sleep(0.01)
+            await let_tasks_run()
             with pytest.raises(ServiceError) as raised:
                 await batcher.infer([item_ids(82, 4)] * 2, deadline())
             assert raised.value.error_type is ErrorType.OVERLOADED
@@ -297,7 +304,7 @@ def test_stop_fails_queued_requests_as_unhealthy() -> None:
         batcher.start()
         first = await hold_runtime(batcher, runtime)
         queued = asyncio.create_task(batcher.infer([item_ids(95, 4)], deadline()))
-        await asyncio.sleep(0.01)
+        await let_tasks_run()
         runtime.gate.set()
         stopping = asyncio.create_task(batcher.stop())
         results = await asyncio.gather(first, queued, return_exceptions=True)
