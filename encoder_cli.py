@@ -4,8 +4,10 @@ Each package registers its own subcommands (model.cli, export.cli, service.cli).
 import only argparse at import time and defer heavy imports (torch, onnxruntime) into the handler,
 so `encoder --help` is instant and `encoder serve` never imports torch.
 
-Contract (DESIGN.md §8): every command ends by printing one JSON object on its last stdout line;
-a user error is one line on stderr and a non-zero exit, never a traceback.
+This module sits on top of every package and nothing imports it. The packages raise their own errors;
+only here do they become what a user sees: every command ends by
+printing one JSON object on its last stdout line, and a problem the user can fix is one line on
+stderr and exit status 2, never a traceback.
 """
 
 import argparse
@@ -14,17 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-
-class CommandError(Exception):
-    """A problem the user can fix (missing file, bad flag value, empty corpus...): printed as one line."""
-
-
-def emit_result(result: dict[str, Any]) -> None:
-    """Print the command's result as the last stdout line, for scripts that chain the steps."""
-    print(json.dumps(result, default=str), flush=True)
-
-
-Handler = Callable[[argparse.Namespace], None]
+# A handler returns the command's result, printed as the last stdout line.
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,30 +36,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error_types() -> tuple[type[Exception], ...]:
+    """The failures a user can fix, each with a one-line message. Imported only once a command has
+    failed: the bundle and settings errors bring in pydantic, which `encoder --help` does not need."""
+    from bundle import BundleError
+    from export.errors import ExportError
+    from model.errors import ModelError
+    from service.settings import SettingsError
+
+    return (ModelError, ExportError, BundleError, SettingsError, FileNotFoundError, PermissionError)
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    """Print the command's result as the last stdout line, for scripts that chain the steps."""
+    print(json.dumps(result, default=str), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     try:
-        handler(args)
-    except CommandError as exc:
-        print(f"encoder {args.command}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        result = handler(args)
     except KeyboardInterrupt:
         print(f"encoder {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
-        # Known library failures (a bundle that fails its checks, a corrupt file) are user errors too.
-        from bundle import BundleError
-
-        if isinstance(exc, BundleError | FileNotFoundError | PermissionError):
-            print(f"encoder {args.command}: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        raise
+        if not isinstance(exc, user_error_types()):
+            raise
+        print(f"encoder {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    emit_result(result)
 
 
 if __name__ == "__main__":
-    # Re-import so that CommandError is the class the packages raise, not a __main__ copy.
-    from encoder_cli import main as encoder_main
-
-    encoder_main()
+    main()

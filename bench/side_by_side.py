@@ -7,7 +7,7 @@
    and with ONNX Runtime's default thread count and the service's; the best of these is the ceiling
    (re-measured at every step, interleaved with the services), and the time of one request's texts
    as one batch is the ceiling latency.
-2. The service (`python -m service.main`, defaults) and the service with batching off
+2. The service (`encoder serve`, defaults) and the service with batching off
    (max_batch_size=1), both started once, measured at each concurrency in turn (interleaved, so that
    both see the same background load), with bench/loadgen.py.
 

@@ -26,8 +26,8 @@ from bundle.manifest import (
     file_sha256,
     verify_bundle,
 )
-from encoder_cli import CommandError
 from export import parity
+from export.errors import ExportError
 from export.onnx_graph import check_interface, export_onnx
 from export.variants import convert_fp16, fuse_for_ort, quantize_int8
 
@@ -63,11 +63,11 @@ def write_bundle(source: ExportSource, out: Path, options: ExportOptions, progre
     out = Path(out)
     unknown = sorted(set(options.variants) - set(VARIANT_FILES))
     if unknown or "fp32" not in options.variants:
-        raise CommandError(
-            f"--variants must include fp32 and only {sorted(VARIANT_FILES)}; got {options.variants}"
+        raise ExportError(
+            f"variants must include fp32 and only {sorted(VARIANT_FILES)}; got {options.variants}"
         )
     if out.exists() and not options.force:
-        raise CommandError(f"{out} already exists (pass --force to replace it)")
+        raise ExportError(f"{out} already exists (the force option replaces it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     # mkdtemp makes the directory private (0700); the service may run as another user (containers).

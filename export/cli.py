@@ -1,8 +1,14 @@
-"""`encoder export` and `encoder import-hf`. Only argparse at import time; torch/onnx load in the handlers."""
+"""`encoder export` and `encoder import-hf`. Only argparse at import time; torch/onnx load in the handlers.
+
+Each handler returns the command's result; a problem the user can fix is an ExportError (or a
+ModelError for the RUN being exported), which the `encoder` CLI prints as one line.
+"""
 
 import argparse
 from pathlib import Path
 from typing import Any
+
+from export.errors import ExportError
 
 DEFAULT_VARIANTS = "fp32,int8"
 
@@ -96,10 +102,15 @@ def _options(args: argparse.Namespace) -> "Any":
     )
 
 
-def _write(source: "Any", args: argparse.Namespace) -> None:
+def _refuse_to_overwrite(args: argparse.Namespace) -> None:
+    # Before the model loads, so that the user learns it at once; write_bundle checks again.
+    if args.out.exists() and not args.force:
+        raise ExportError(f"{args.out} already exists (pass --force to replace it)")
+
+
+def _write(source: "Any", args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from encoder_cli import emit_result
     from export.bundle_writer import write_bundle
 
     options = _options(args)
@@ -112,28 +123,28 @@ def _write(source: "Any", args: argparse.Namespace) -> None:
             bar.update(1)
 
         manifest = write_bundle(source, args.out, options, progress)
-    emit_result(
-        {
-            "bundle": str(args.out),
-            "name": manifest.name,
-            "variants": {name: spec.parity for name, spec in manifest.variants.items()},
-            "fusions": manifest.variants["fp32"].fusions,
-            "classifier": manifest.classifier.labels if manifest.classifier else None,
-        }
-    )
+    return {
+        "bundle": str(args.out),
+        "name": manifest.name,
+        "variants": {name: spec.parity for name, spec in manifest.variants.items()},
+        "fusions": manifest.variants["fp32"].fusions,
+        "classifier": manifest.classifier.labels if manifest.classifier else None,
+    }
 
 
-def run_export(args: argparse.Namespace) -> None:
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
     from export.run_source import source_from_run
 
-    _write(source_from_run(args.model, args.name), args)
+    _refuse_to_overwrite(args)
+    return _write(source_from_run(args.model, args.name), args)
 
 
-def run_import_hf(args: argparse.Namespace) -> None:
+def run_import_hf(args: argparse.Namespace) -> dict[str, Any]:
     from export.hf_import import source_from_hf
 
+    _refuse_to_overwrite(args)
     normalize = None if args.normalize == "auto" else args.normalize == "true"
     source = source_from_hf(
         args.model, name=args.name, pooling=args.pooling, normalize=normalize, max_seq_len=args.max_seq_len
     )
-    _write(source, args)
+    return _write(source, args)

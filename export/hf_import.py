@@ -14,8 +14,8 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from bundle.manifest import Architecture, EmbeddingSpec
-from encoder_cli import CommandError
 from export.bundle_writer import ExportSource
+from export.errors import ExportError
 
 NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
 POOLING_MODULE = "sentence_transformers.models.Pooling"
@@ -61,7 +61,7 @@ def sentence_transformers_layout(model_dir: Path) -> tuple[str | None, bool, int
         if t not in (POOLING_MODULE, NORMALIZE_MODULE) and t != "sentence_transformers.models.Transformer"
     ]
     if unsupported:
-        raise CommandError(f"{modules_path}: unsupported sentence-transformers modules {unsupported}")
+        raise ExportError(f"{modules_path}: unsupported sentence-transformers modules {unsupported}")
     max_seq_length = None
     config_path = model_dir / "sentence_bert_config.json"
     if config_path.is_file():
@@ -75,7 +75,7 @@ def _pooling_mode(config: dict[str, Any]) -> str:
         return "mean"
     if enabled == ["pooling_mode_cls_token"]:
         return "cls"
-    raise CommandError(f"unsupported sentence-transformers pooling {enabled}: only mean or cls")
+    raise ExportError(f"unsupported sentence-transformers pooling {enabled}: only mean or cls")
 
 
 def load_tokenizer(model_dir: Path, max_seq_len: int) -> Tokenizer:
@@ -86,7 +86,7 @@ def load_tokenizer(model_dir: Path, max_seq_len: int) -> Tokenizer:
 
         fast = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
         if not getattr(fast, "is_fast", False):
-            raise CommandError(f"{model_dir}: no tokenizer.json and no fast tokenizer to convert")
+            raise ExportError(f"{model_dir}: no tokenizer.json and no fast tokenizer to convert")
         tokenizer = fast.backend_tokenizer
     # The service pads batches itself and reads the truncation length from tokenizer.json; a fixed
     # padding (all-MiniLM ships Fixed(128)) would pad every text to it.
@@ -105,14 +105,16 @@ def source_from_hf(
     try:
         from transformers import AutoConfig, AutoModel
     except ImportError:
-        raise CommandError("import-hf needs transformers: pip install 'encoder-service[hf]'") from None
+        raise ExportError(
+            "importing a Hugging Face checkpoint needs transformers: pip install 'encoder-service[hf]'"
+        ) from None
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise CommandError(f"{model_dir}: no config.json (is it a Hugging Face checkpoint directory?)")
+        raise ExportError(f"{model_dir}: no config.json (is it a Hugging Face checkpoint directory?)")
     st_pooling, st_normalize, st_max_len = sentence_transformers_layout(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
     if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "num_hidden_layers"):
-        raise CommandError(f"{model_dir}: {config.model_type} is not a BERT-family encoder")
+        raise ExportError(f"{model_dir}: {config.model_type} is not a BERT-family encoder")
     # Eager attention exports to plain MatMul/Softmax and stays finite on an all-padding row.
     backbone = AutoModel.from_pretrained(str(model_dir), config=config, attn_implementation="eager").eval()
     position_limit = getattr(config, "max_position_embeddings", 512)

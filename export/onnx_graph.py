@@ -15,7 +15,7 @@ import onnx
 import onnx_ir
 import torch
 
-from encoder_cli import CommandError
+from export.errors import ExportError
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OPSET = 18
@@ -30,7 +30,7 @@ def output_names_for(module: torch.nn.Module) -> list[str]:
     with torch.inference_mode():
         outputs = module(example_ids, example_mask)
     if not isinstance(outputs, tuple | list) or len(outputs) not in (1, 2):
-        raise CommandError("the model must return (embedding,) or (embedding, logits)")
+        raise ExportError("the model must return (embedding,) or (embedding, logits)")
     return ["embedding", "logits"][: len(outputs)]
 
 
@@ -65,12 +65,12 @@ def export_onnx(module: torch.nn.Module, path: Path, max_seq_len: int) -> list[s
                 verbose=False,
             )
         except Exception as exc:  # the exporter raises many types; the user needs the first line
-            raise CommandError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from exc
+            raise ExportError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from exc
     assert program is not None
     _rename_outputs(program.model, output_names)
     program.save(str(path), external_data=False)
     if path.stat().st_size >= MAX_SINGLE_FILE_BYTES:
-        raise CommandError(f"{path.name}: the graph is over 2 GB, which the bundle format does not support")
+        raise ExportError(f"{path.name}: the graph is over 2 GB, which the bundle format does not support")
     check_interface(path, output_names)
     return output_names
 
@@ -106,21 +106,21 @@ def check_interface(path: Path, output_names: list[str]) -> None:
     graph = onnx.load(str(path), load_external_data=False).graph
     inputs = {value.name: value for value in graph.input}
     if sorted(inputs) != sorted(INPUT_NAMES):
-        raise CommandError(f"{path.name}: graph inputs are {sorted(inputs)}, expected {list(INPUT_NAMES)}")
+        raise ExportError(f"{path.name}: graph inputs are {sorted(inputs)}, expected {list(INPUT_NAMES)}")
     for name in INPUT_NAMES:
         tensor_type = inputs[name].type.tensor_type
         if tensor_type.elem_type != onnx.TensorProto.INT64:
-            raise CommandError(f"{path.name}: input {name} must be int64")
+            raise ExportError(f"{path.name}: input {name} must be int64")
         dims = list(tensor_type.shape.dim)
         if len(dims) != 2 or not all(dim.dim_param and not dim.HasField("dim_value") for dim in dims):
             shown = [dim.dim_param or dim.dim_value for dim in dims]
-            raise CommandError(
+            raise ExportError(
                 f"{path.name}: input {name} has shape {shown}; batch and sequence must be symbolic"
             )
     outputs = [value.name for value in graph.output]
     if outputs != output_names:
-        raise CommandError(f"{path.name}: graph outputs are {outputs}, expected {output_names}")
+        raise ExportError(f"{path.name}: graph outputs are {outputs}, expected {output_names}")
     for value in graph.output:
         batch_dim = value.type.tensor_type.shape.dim[0]
         if not batch_dim.dim_param:
-            raise CommandError(f"{path.name}: output {value.name} has a fixed batch axis")
+            raise ExportError(f"{path.name}: output {value.name} has a fixed batch axis")

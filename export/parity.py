@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, Field
 from tokenizers import Tokenizer
 
-from encoder_cli import CommandError
+from export.errors import ExportError
 
 # Real texts always used, so a bundle is checked even when no eval data is given.
 BUILTIN_TEXTS = [
@@ -40,7 +40,7 @@ EVAL_BATCH = 32
 Runner = Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
 
 
-class ParityError(CommandError):
+class ParityError(ExportError):
     """A gate failed: the message names the variant, the figure and the limit."""
 
 
@@ -70,12 +70,12 @@ class EvalData:
     def read(cls, path: Path, limit: int = 1000) -> "EvalData":
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()][:limit]
         if not rows:
-            raise CommandError(f"{path}: no rows")
+            raise ExportError(f"{path}: no rows")
         if all("text" in row and "label" in row for row in rows):
             return cls(texts=[row["text"] for row in rows], labels=[str(row["label"]) for row in rows])
         if all("query" in row and "positive" in row for row in rows):
             return cls(texts=[row["query"] for row in rows], positives=[row["positive"] for row in rows])
-        raise CommandError(f"{path}: eval rows must be {{text, label}} or {{query, positive}}")
+        raise ExportError(f"{path}: eval rows must be {{text, label}} or {{query, positive}}")
 
 
 def torch_runner(module: torch.nn.Module) -> Runner:
@@ -120,7 +120,7 @@ def build_batches(tokenizer: Tokenizer, texts: list[str], max_seq_len: int) -> l
     long_text = " ".join(texts * (1 + 4 * max_seq_len // max(1, len(" ".join(texts).split()))))
     longest = encode(tokenizer, [long_text])[0][:max_seq_len]
     if len(longest) != max_seq_len:
-        raise CommandError(f"the tokenizer does not produce {max_seq_len} tokens from a long text")
+        raise ExportError(f"the tokenizer does not produce {max_seq_len} tokens from a long text")
     shortest = min(sequences, key=len)
     single_token = sequences[0][:1]
     return [

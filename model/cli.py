@@ -1,8 +1,14 @@
-"""`encoder data|tokenizer|pretrain|finetune|eval`: argparse only at import; torch loads in handlers."""
+"""`encoder data|tokenizer|pretrain|finetune|eval`: argparse only at import; torch loads in handlers.
+
+Each handler returns the command's result; a problem the user can fix is a ModelError, which the
+`encoder` CLI prints as one line.
+"""
 
 import argparse
 from pathlib import Path
 from typing import Any
+
+from model.errors import ModelError
 
 
 def _positive_int(text: str) -> int:
@@ -134,37 +140,29 @@ def register(subparsers: Any) -> None:
     retrieval.set_defaults(handler=run_eval_retrieval)
 
 
-def run_data_wordnet(args: argparse.Namespace) -> None:
-    from encoder_cli import CommandError, emit_result
-    from model.wordnet import WordNetMissing, build_wordnet_data
+def run_data_wordnet(args: argparse.Namespace) -> dict[str, Any]:
+    from model.wordnet import build_wordnet_data
 
-    try:
-        emit_result(build_wordnet_data(args.out, args.wordnet_dir))
-    except WordNetMissing as exc:
-        raise CommandError(str(exc)) from None
+    return build_wordnet_data(args.out, args.wordnet_dir)
 
 
-def run_tokenizer_train(args: argparse.Namespace) -> None:
-    from encoder_cli import CommandError, emit_result
-    from model.data import DataError, read_text_lines
+def run_tokenizer_train(args: argparse.Namespace) -> dict[str, Any]:
+    from model.data import read_text_lines
     from model.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
-    try:
-        read_text_lines(args.corpus)
-    except DataError as exc:
-        raise CommandError(str(exc)) from None
+    read_text_lines(args.corpus)  # a missing or empty corpus is a one-line error, not a trainer panic
     if args.vocab_size <= len(SPECIAL_TOKENS):
-        raise CommandError(f"--vocab-size must exceed the {len(SPECIAL_TOKENS)} special tokens")
+        raise ModelError(f"--vocab-size must exceed the {len(SPECIAL_TOKENS)} special tokens")
     tokenizer = train_tokenizer(args.corpus, args.vocab_size, args.out, args.max_seq_len)
-    emit_result({"tokenizer": str(args.out), "vocab_size": tokenizer.get_vocab_size()})
+    return {"tokenizer": str(args.out), "vocab_size": tokenizer.get_vocab_size()}
 
 
-def run_pretrain(args: argparse.Namespace) -> None:
-    from encoder_cli import CommandError, emit_result
-    from model.data import DataError
+def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from model.pretrain import PretrainOptions, pretrain
-    from model.tokenizer import TokenizerError
 
+    # Pretraining has no epoch count to plan from; checked before any data is read, naming the flags.
+    if args.max_steps is None and args.budget_minutes is None:
+        raise ModelError("give --max-steps or --budget-minutes to size the training schedule")
     options = PretrainOptions(
         tokenizer=args.tokenizer,
         corpus=args.corpus,
@@ -188,15 +186,10 @@ def run_pretrain(args: argparse.Namespace) -> None:
         options.batch_size = args.batch_size
     if args.lr:
         options.lr = args.lr
-    try:
-        emit_result(pretrain(options))
-    except (DataError, TokenizerError) as exc:
-        raise CommandError(str(exc)) from None
+    return pretrain(options)
 
 
-def run_finetune_classify(args: argparse.Namespace) -> None:
-    from encoder_cli import CommandError, emit_result
-    from model.data import DataError
+def run_finetune_classify(args: argparse.Namespace) -> dict[str, Any]:
     from model.finetune import ClassifyOptions, finetune_classify
 
     options = ClassifyOptions(
@@ -217,15 +210,10 @@ def run_finetune_classify(args: argparse.Namespace) -> None:
         limit=args.limit,
         progress=not args.no_progress,
     )
-    try:
-        emit_result(finetune_classify(options))
-    except DataError as exc:
-        raise CommandError(str(exc)) from None
+    return finetune_classify(options)
 
 
-def run_finetune_embed(args: argparse.Namespace) -> None:
-    from encoder_cli import CommandError, emit_result
-    from model.data import DataError
+def run_finetune_embed(args: argparse.Namespace) -> dict[str, Any]:
     from model.finetune import EmbedOptions, finetune_embed
 
     options = EmbedOptions(
@@ -246,29 +234,16 @@ def run_finetune_embed(args: argparse.Namespace) -> None:
         limit=args.limit,
         progress=not args.no_progress,
     )
-    try:
-        emit_result(finetune_embed(options))
-    except DataError as exc:
-        raise CommandError(str(exc)) from None
+    return finetune_embed(options)
 
 
-def run_eval_classify(args: argparse.Namespace) -> None:
-    from encoder_cli import CommandError, emit_result
-    from model.data import DataError
+def run_eval_classify(args: argparse.Namespace) -> dict[str, Any]:
     from model.evaluate import evaluate_classifier
 
-    try:
-        emit_result(evaluate_classifier(args.model, args.data))
-    except DataError as exc:
-        raise CommandError(str(exc)) from None
+    return evaluate_classifier(args.model, args.data)
 
 
-def run_eval_retrieval(args: argparse.Namespace) -> None:
-    from encoder_cli import CommandError, emit_result
-    from model.data import DataError
+def run_eval_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     from model.evaluate import evaluate_retrieval
 
-    try:
-        emit_result(evaluate_retrieval(args.model, args.queries, args.corpus))
-    except DataError as exc:
-        raise CommandError(str(exc)) from None
+    return evaluate_retrieval(args.model, args.queries, args.corpus)

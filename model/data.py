@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from model.errors import ModelError
 from model.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
 
-class DataError(ValueError):
-    pass
+class DataError(ModelError):
+    """A corpus or data file that is missing, empty or malformed."""
 
 
 def read_text_lines(paths: list[Path]) -> list[str]:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from encoder_cli import CommandError
 from model.data import DataError, TokenizedTexts, read_jsonl
 from model.encoder import InferenceModule
+from model.errors import ModelError
 from model.metrics import classification_metrics, multilabel_metrics, retrieval_metrics
 from model.run import load_run
 from model.tokenizer import load_tokenizer
@@ -77,13 +77,13 @@ def score_classifier(
 def evaluate_classifier(model_path: Path, data_path: Path) -> dict[str, Any]:
     run = load_run(model_path)
     if not run.labels:
-        raise CommandError(f"{model_path}: a {run.kind} run has no classifier head (use a classify run)")
+        raise ModelError(f"{model_path}: a {run.kind} run has no classifier head (use a classify run)")
     texts, targets = read_classification_rows(data_path, run.multi_label)
     known = set(run.labels)
     for number, target in enumerate(targets, start=1):
         unknown = [label for label in target if label not in known]
         if unknown:
-            raise CommandError(
+            raise ModelError(
                 f"{data_path}: row {number}: label {unknown[0]!r} is not one of the model's labels"
             )
     tokenizer = load_tokenizer(run.tokenizer_path)
@@ -102,12 +102,10 @@ def evaluate_retrieval(model_path: Path, queries_path: Path, corpus_path: Path) 
     known = set(doc_ids)
     for number, query in enumerate(queries, start=1):
         if not isinstance(query["relevant"], list) or not query["relevant"]:
-            raise CommandError(
-                f"{queries_path}: row {number}: 'relevant' must be a non-empty list of doc ids"
-            )
+            raise ModelError(f"{queries_path}: row {number}: 'relevant' must be a non-empty list of doc ids")
         missing = [doc for doc in query["relevant"] if str(doc) not in known]
         if missing:
-            raise CommandError(
+            raise ModelError(
                 f"{queries_path}: row {number}: relevant doc {missing[0]!r} is not in {corpus_path}"
             )
     tokenizer = load_tokenizer(run.tokenizer_path)

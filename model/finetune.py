@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from encoder_cli import CommandError
 from model.data import DataError, TokenizedTexts, read_jsonl, read_text_lines
 from model.encoder import Encoder, InferenceModule, mean_pool, optimizer_groups, set_dropout
+from model.errors import ModelError
 from model.evaluate import infer, read_classification_rows, score_classifier
 from model.run import METRICS_FILE, LoadedRun, load_run, save_run
 from model.tokenizer import load_tokenizer
@@ -220,7 +220,7 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
         for number, target in enumerate(eval_targets, start=1):
             unknown = [label for label in target if label not in label_index]
             if unknown:
-                raise DataError(f"{options.eval}: row {number}: label {unknown[0]!r} is not in --train")
+                raise DataError(f"{options.eval}: row {number}: label {unknown[0]!r} is not a training label")
         summary["eval"] = score_classifier(
             module, tokenizer, labels, options.multi_label, eval_texts, eval_targets, device
         )
@@ -283,7 +283,7 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
     run, device, started = _prepare(options)
     dims = [d for d in options.matryoshka if d < run.config.n_embd]
     if len(dims) != len(options.matryoshka):
-        raise CommandError(f"--matryoshka dims must be smaller than the model's dim {run.config.n_embd}")
+        raise ModelError(f"matryoshka dims must be smaller than the model's dim {run.config.n_embd}")
     tokenizer = load_tokenizer(run.tokenizer_path)
     pairs = read_pairs(options.train, options.limit)
     query_tokens = TokenizedTexts.encode(tokenizer, pairs.queries)

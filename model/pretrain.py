@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from encoder_cli import CommandError
 from model.config import PositionKind, preset_config
 from model.data import mask_tokens, pack_corpus, read_text_lines
 from model.encoder import MaskedLMModel, optimizer_groups
+from model.errors import ModelError
 from model.run import METRICS_FILE, save_run
 from model.tokenizer import load_tokenizer
 from model.training import (
@@ -108,7 +108,7 @@ def _load_checkpoint(
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, KeyError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CommandError(f"{path}: corrupt or incompatible checkpoint ({reason})") from None
+        raise ModelError(f"{path}: corrupt or incompatible checkpoint ({reason})") from None
     return state
 
 
@@ -128,13 +128,13 @@ def _pretrain(
 ) -> dict[str, Any]:
     if options.batch_size % distributed.world_size != 0:
         ranks = distributed.world_size
-        raise CommandError(f"--batch-size {options.batch_size} must be divisible by the {ranks} ranks")
+        raise ModelError(f"batch size {options.batch_size} must be divisible by the {ranks} ranks")
     tokenizer = load_tokenizer(options.tokenizer)
     config = preset_config(options.preset, tokenizer.get_vocab_size(), position=options.position)
     seq_len = options.seq_len or config.max_seq_len
     if not 2 <= seq_len <= config.max_seq_len:
-        raise CommandError(
-            f"--seq-len must be between 2 and max_seq_len ({config.max_seq_len}), not {seq_len}"
+        raise ModelError(
+            f"sequence length must be between 2 and max_seq_len ({config.max_seq_len}), not {seq_len}"
         )
     sequences = pack_corpus(tokenizer, read_text_lines(options.corpus), seq_len)
     batches = Batches(len(sequences), options.batch_size, options.seed)

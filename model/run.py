@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from encoder_cli import CommandError
 from model.config import EncoderConfig
 from model.encoder import Encoder, InferenceModule
+from model.errors import ModelError
 
 RUN_KINDS = ("pretrain", "embed", "classify")
 ARCHITECTURE = "bert-prenorm-glu"
@@ -58,7 +58,7 @@ class LoadedRun:
         try:
             encoder.load_state_dict(_prefixed(self.weights, "encoder."))
         except RuntimeError as exc:
-            raise CommandError(
+            raise ModelError(
                 f"{self.path / WEIGHTS_FILE}: weights do not match config.json ({exc})"
             ) from None
         return encoder
@@ -70,7 +70,7 @@ class LoadedRun:
         try:
             classifier.load_state_dict(_prefixed(self.weights, "classifier."))
         except RuntimeError as exc:
-            raise CommandError(
+            raise ModelError(
                 f"{self.path / WEIGHTS_FILE}: classifier does not match labels ({exc})"
             ) from None
         return classifier
@@ -136,40 +136,40 @@ def save_run(
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CommandError(f"{path}: missing (is {path.parent} a run directory?)")
+        raise ModelError(f"{path}: missing (is {path.parent} a run directory?)")
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CommandError(f"{path}: not valid JSON ({exc})") from None
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise CommandError(f"{path}: expected a JSON object")
+        raise ModelError(f"{path}: expected a JSON object")
     return value
 
 
 def load_run(path: str | Path) -> LoadedRun:
-    """Read and check a RUN directory; any problem is a CommandError with a one-line message."""
+    """Read and check a RUN directory; any problem is a ModelError with a one-line message."""
     path = Path(path)
     if not path.is_dir():
-        raise CommandError(f"{path}: run directory not found")
+        raise ModelError(f"{path}: run directory not found")
     run_json = _read_json(path / RUN_FILE)
     config_json = _read_json(path / CONFIG_FILE)
     try:
         config = EncoderConfig.from_dict(config_json)
     except (TypeError, ValueError) as exc:
-        raise CommandError(f"{path / CONFIG_FILE}: invalid encoder config ({exc})") from None
+        raise ModelError(f"{path / CONFIG_FILE}: invalid encoder config ({exc})") from None
     kind = run_json.get("kind")
     if kind not in RUN_KINDS:
-        raise CommandError(f"{path / RUN_FILE}: unknown run kind {kind!r}")
+        raise ModelError(f"{path / RUN_FILE}: unknown run kind {kind!r}")
     tokenizer_path = path / TOKENIZER_FILE
     if not tokenizer_path.is_file():
-        raise CommandError(f"{tokenizer_path}: missing (is {path} a run directory?)")
+        raise ModelError(f"{tokenizer_path}: missing (is {path} a run directory?)")
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
-        raise CommandError(f"{weights_path}: missing (is {path} a run directory?)")
+        raise ModelError(f"{weights_path}: missing (is {path} a run directory?)")
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CommandError(f"{weights_path}: corrupt checkpoint ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{weights_path}: corrupt checkpoint ({str(exc).splitlines()[0]})") from None
     embedding = run_json.get("embedding") or {}
     labels = run_json.get("labels")
     return LoadedRun(

@@ -11,11 +11,13 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
+from model.errors import ModelError
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ModelError):
     """A tokenizer file that is missing, unreadable or lacks the fixed special tokens."""
 
 

@@ -10,14 +10,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from encoder_cli import CommandError
+from model.errors import ModelError
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device cuda: no CUDA device is available to this PyTorch build")
+        raise ModelError("device cuda: no CUDA device is available to this PyTorch build")
     return torch.device(name)
 
 
@@ -44,7 +44,7 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.budget_seconds is None:
-            raise CommandError("give --max-steps or --budget-minutes to size the training schedule")
+            raise ModelError("give max_steps or budget_seconds to size the training schedule")
 
     def time_fraction(self, train_seconds: float) -> float:
         return train_seconds / self.budget_seconds if self.budget_seconds else 0.0

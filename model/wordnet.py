@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model.errors import ModelError
+
 WORDNET_DIR = Path("/usr/share/wordnet")
 PARTS_OF_SPEECH = ("noun", "verb", "adj", "adv")
 TEST_PERCENT = 10
@@ -72,8 +74,8 @@ _EXAMPLE_WITH_SEPARATOR = re.compile(r';?\s*"[^"]*"')
 _ADJECTIVE_MARKER = re.compile(r"\((a|p|ip)\)$")
 
 
-class WordNetMissing(FileNotFoundError):
-    pass
+class WordNetMissing(ModelError):
+    """The WordNet database files are not installed."""
 
 
 @dataclass(frozen=True)

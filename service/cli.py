@@ -56,12 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> None:
-    from encoder_cli import CommandError, emit_result
-    from service.main import serve, settings_from
+def run_serve(args: argparse.Namespace) -> dict[str, object]:
+    from service.server import serve
+    from service.settings import settings_from
 
-    try:
-        settings = settings_from(settings_overrides(args))
-    except ValueError as exc:
-        raise CommandError(str(exc).replace("\n", " ")) from None
-    emit_result(serve(settings))
+    return serve(settings_from(settings_overrides(args)))

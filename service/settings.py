@@ -4,7 +4,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,3 +71,17 @@ class Settings(BaseSettings):
             max_wait_ms=defaults.max_wait_ms if self.max_wait_ms is None else self.max_wait_ms,
             max_padding=self.max_padding or defaults.max_padding,
         )
+
+
+class SettingsError(Exception):
+    """An invalid setting (from an ENCODER_* variable or a flag), in one line."""
+
+
+def settings_from(overrides: dict[str, object]) -> Settings:
+    """Settings from ENCODER_* variables with `overrides` (the flags given) winning over them."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise SettingsError(f"invalid setting {where}: {first['msg']}") from None

@@ -1,4 +1,4 @@
-"""Run the real service (`python -m service.main`, what `encoder serve` runs) as a subprocess on
+"""Run the real service (`encoder serve`) as a subprocess on
 127.0.0.1 with a free port, for end-to-end tests:
 
     with running_service(bundle, max_batch_size=1, api_key="secret") as base_url:
@@ -53,7 +53,7 @@ class ServiceProcess:
         log_fd, log_path = tempfile.mkstemp(prefix="encoder-serve-", suffix=".log")
         self.log_path = Path(log_path)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.main"],
+            [sys.executable, "-m", "encoder_cli", "serve"],
             cwd=REPO_ROOT,
             env=encoder_environment(Path(bundle), self.port, settings),
             stdout=log_fd,

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from bundle.manifest import BundleError, Manifest, load_manifest, verify_bundle
-from encoder_cli import CommandError
+from export.errors import ExportError
 
 EDGE_CASES = ["texts", "batch_of_one", "length_one", "max_length", "heavy_padding", "all_padding_row"]
 
@@ -128,8 +128,8 @@ def test_export_refuses_unknown_variant(tiny_runs: Any, tmp_path: Path) -> None:
     from export.run_source import source_from_run
 
     source = source_from_run(tiny_runs.classify_run)
-    with pytest.raises(CommandError, match="--variants"):
+    with pytest.raises(ExportError, match="variants must include fp32"):
         write_bundle(source, tmp_path / "b", ExportOptions(variants=["int8"]), lambda _: None)
-    with pytest.raises(CommandError, match="--variants"):
+    with pytest.raises(ExportError, match="variants must include fp32"):
         write_bundle(source, tmp_path / "b", ExportOptions(variants=["fp32", "bf16"]), lambda _: None)
     assert not (tmp_path / "b").exists()

@@ -106,7 +106,7 @@ def test_import_sentence_transformers_layout_honours_pooling_and_normalize(
 def test_sentence_transformers_layout_without_normalize_and_unsupported_pooling(
     tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
-    from encoder_cli import CommandError
+    from export.errors import ExportError
 
     st_dir = shutil.copytree(tiny_bert_dir, tmp_path / "st-mean")
     modules = [{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
@@ -116,5 +116,5 @@ def test_sentence_transformers_layout_without_normalize_and_unsupported_pooling(
     assert sentence_transformers_layout(st_dir) == ("mean", False, None)
     assert source_from_hf(st_dir).embedding.normalize is False
     (st_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
-    with pytest.raises(CommandError, match="unsupported sentence-transformers pooling"):
+    with pytest.raises(ExportError, match="unsupported sentence-transformers pooling"):
         source_from_hf(st_dir)

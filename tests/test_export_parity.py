@@ -11,9 +11,9 @@ import torch
 from onnx import numpy_helper
 
 from bundle.manifest import verify_bundle
-from encoder_cli import CommandError
 from export import bundle_writer, parity
 from export.bundle_writer import ExportOptions, write_bundle
+from export.errors import ExportError
 from export.onnx_graph import check_interface, example_inputs
 from export.run_source import source_from_run
 
@@ -104,7 +104,7 @@ def test_fixed_axes_are_refused(tmp_path: Path) -> None:
         output_names=["embedding"],
         external_data=False,
     )
-    with pytest.raises(CommandError, match="must be symbolic"):
+    with pytest.raises(ExportError, match="must be symbolic"):
         check_interface(path, ["embedding"])
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from encoder_cli import CommandError
 from model.config import EncoderConfig, preset_config
 from model.data import mask_tokens
 from model.encoder import Encoder, InferenceModule, MaskedLMModel, mean_pool, optimizer_groups
+from model.errors import ModelError
 from model.metrics import classification_metrics, multilabel_metrics, retrieval_metrics
 from model.run import load_run, save_run
 from model.tokenizer import MASK_ID, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
@@ -93,7 +93,7 @@ def test_schedule_by_steps_and_by_time() -> None:
     by_time = Schedule(peak_lr=1.0, max_steps=None, budget_seconds=60.0)
     assert by_time.lr(0, 0.06) == pytest.approx(1.0) and by_time.lr(0, 0.99) < 0.02
     assert by_time.done(10**9, 1.0) and not by_time.done(10**9, 0.5)
-    with pytest.raises(CommandError):
+    with pytest.raises(ModelError):
         Schedule(peak_lr=1.0, max_steps=None, budget_seconds=None)
 
 
@@ -149,9 +149,9 @@ def test_run_round_trip_and_corrupt_weights(tmp_path: Path) -> None:
     for got, want in zip(run.inference_module()(ids, mask), expected, strict=True):
         torch.testing.assert_close(got, want)
     (run_dir / "model.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(CommandError, match="corrupt checkpoint"):
+    with pytest.raises(ModelError, match="corrupt checkpoint"):
         load_run(run_dir)
-    with pytest.raises(CommandError, match="not found"):
+    with pytest.raises(ModelError, match="not found"):
         load_run(tmp_path / "missing")
 
 

@@ -319,26 +319,25 @@ def test_bad_bundle_refuses_to_start_with_one_line(tiny_bundle: Path, tmp_path: 
     with open(bad / "model.int8.onnx", "ab") as tampered:
         tampered.write(b"\0")
     port = free_port()
-    for command in ([sys.executable, "-m", "service.main"], [sys.executable, "-m", "encoder_cli", "serve"]):
-        finished = subprocess.run(
-            [*command, "--bundle", str(bad), "--port", str(port)],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert finished.returncode != 0
-        lines = finished.stderr.strip().splitlines()
-        assert len(lines) == 1 and "model.int8.onnx" in lines[0] and "sha256" in lines[0], finished.stderr
-    (bad / "manifest.json").write_text('{"format_version": 1}')
     finished = subprocess.run(
-        [sys.executable, "-m", "service.main", "--bundle", str(bad)],
+        [sys.executable, "-m", "encoder_cli", "serve", "--bundle", str(bad), "--port", str(port)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert finished.returncode != 0 and "manifest.json" in finished.stderr
+    assert finished.returncode == 2
+    lines = finished.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.int8.onnx" in lines[0] and "sha256" in lines[0], finished.stderr
+    (bad / "manifest.json").write_text('{"format_version": 1}')
+    finished = subprocess.run(
+        [sys.executable, "-m", "encoder_cli", "serve", "--bundle", str(bad)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 2 and "manifest.json" in finished.stderr
     assert len(finished.stderr.strip().splitlines()) == 1
 
 

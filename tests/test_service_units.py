@@ -14,9 +14,8 @@ from service.app import create_app
 from service.bundle_loader import load_model
 from service.cli import SERVE_FLAGS, add_serve_arguments, settings_overrides
 from service.errors import ErrorType
-from service.main import settings_from
 from service.runtime import ModelOutputs
-from service.settings import CPU_BATCH_LIMITS, CUDA_BATCH_LIMITS, Settings
+from service.settings import CPU_BATCH_LIMITS, CUDA_BATCH_LIMITS, Settings, SettingsError, settings_from
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +24,7 @@ def test_serving_never_imports_torch() -> None:
     probe = (
         "import sys, encoder_cli\n"
         "encoder_cli.build_parser()\n"  # what `encoder serve` imports before it runs
-        "import service.main, service.app, service.batcher, service.runtime\n"
+        "import service.server, service.app, service.batcher, service.runtime\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
     )
     finished = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True)
@@ -44,7 +43,7 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_from(settings_overrides(parser.parse_args(["--max-batch-size", "5"])))
     assert settings.max_batch_size == 5 and settings.api_key == "from-env"
     assert settings_from({}).max_batch_size == 3
-    with pytest.raises(ValueError, match="max_queue_items"):
+    with pytest.raises(SettingsError, match="max_queue_items"):
         settings_from({"max_queue_items": 10, "max_client_batch": 20})
 
 
