@@ -77,7 +77,15 @@ def register(subparsers: Any) -> None:
     pretrain.add_argument("--preset", choices=["tiny", "mini", "small", "base"], default="mini")
     pretrain.add_argument("--out", required=True, type=Path, help="RUN directory")
     _add_common_training(pretrain)
-    pretrain.add_argument("--mask-prob", type=float, default=0.3)
+    pretrain.add_argument(
+        "--objective",
+        choices=["electra", "mlm"],
+        default="electra",
+        help="replaced-token detection (default: learns from every token) or masked-language modelling",
+    )
+    pretrain.add_argument(
+        "--mask-prob", type=float, help="share of tokens masked (default 0.15 electra, 0.3 mlm)"
+    )
     pretrain.add_argument("--position", choices=["learned", "sinusoidal"], default="learned")
     pretrain.add_argument("--seq-len", type=int, help="packed sequence length (default: max_seq_len, 128)")
     pretrain.add_argument(
@@ -100,6 +108,12 @@ def register(subparsers: Any) -> None:
     classify.add_argument("--epochs", type=_positive_float, help="default 3 (10 with --freeze-encoder)")
     classify.add_argument("--multi-label", action="store_true", help='rows carry "labels": [str]')
     classify.add_argument("--freeze-encoder", action="store_true", help="train the head only")
+    classify.add_argument(
+        "--pairs",
+        type=Path,
+        help='multi-task: also train the embedding on these JSON lines {"query", "positive"}, so one '
+        "encoder serves /embed and /classify well",
+    )
     _add_common_training(classify)
     _add_limit(classify)
     classify.set_defaults(handler=run_finetune_classify)
@@ -119,6 +133,12 @@ def register(subparsers: Any) -> None:
     )
     embed.add_argument("--temperature", type=_positive_float, default=0.05)
     embed.add_argument("--dropout", type=float, help="training dropout (default 0, 0.1 for SimCSE)")
+    embed.add_argument(
+        "--one-way", action="store_true", help="score queries against documents only (default: both ways)"
+    )
+    embed.add_argument(
+        "--mine-negatives", action="store_true", help="give every pair without a negative a BM25-mined one"
+    )
     _add_common_training(embed)
     _add_limit(embed)
     embed.set_defaults(handler=run_finetune_embed)
@@ -172,6 +192,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         max_steps=args.max_steps,
         seed=args.seed,
         device=args.device,
+        objective=args.objective,
         mask_prob=args.mask_prob,
         position=args.position,
         seq_len=args.seq_len,
@@ -200,6 +221,7 @@ def run_finetune_classify(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs,
         multi_label=args.multi_label,
         freeze_encoder=args.freeze_encoder,
+        pairs=args.pairs,
         seed=args.seed,
         device=args.device,
         threads=args.threads,
@@ -224,6 +246,8 @@ def run_finetune_embed(args: argparse.Namespace) -> dict[str, Any]:
         matryoshka=args.matryoshka or [],
         temperature=args.temperature,
         dropout=args.dropout,
+        symmetric=not args.one_way,
+        mine_negatives=args.mine_negatives,
         seed=args.seed,
         device=args.device,
         threads=args.threads,

@@ -124,9 +124,13 @@ class Encoder(nn.Module):
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token plus position embeddings: (B, T) -> (B, T, C); ELECTRA's generator shares them."""
         T = input_ids.shape[1]
-        x = self.emb_dropout(self.tok_emb(input_ids) + self.pos_emb(T))  # (B, T, C)
+        return self.emb_dropout(self.tok_emb(input_ids) + self.pos_emb(T))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)  # (B, T, C)
         attn_mask = key_padding_mask(attention_mask)
         for block in self.blocks:
             x = block(x, attn_mask)

@@ -1,14 +1,17 @@
-"""`encoder finetune classify|embed`: a classification head, or contrastive sentence embeddings.
+"""`encoder finetune classify|embed`: a classification head, contrastive sentence embeddings, or both
+on one encoder (multi-task: `finetune classify --pairs`).
 
 Both read their init RUN through load_run, so any RUN kind can be the starting point; a
-`pretrain --max-steps 0` RUN is the random-initialisation baseline.
+`pretrain --max-steps 0` RUN is the random-initialisation baseline. Both train through the one
+TrainLoop of model/training.py; they differ only in the loss of a step:
+
+- ClassificationTask: cross-entropy (or per-label BCE) of a linear head on the mean-pooled encoder;
+- ContrastiveTask: InfoNCE of query against document embeddings, with in-batch negatives, optional
+  hard negatives (given in the data or mined with BM25), both directions (symmetric).
 """
 
-import functools
 import math
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,20 +19,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from model.data import DataError, TokenizedTexts, read_jsonl, read_text_lines
 from model.encoder import Encoder, InferenceModule, mean_pool, optimizer_groups, set_dropout
 from model.errors import ModelError
 from model.evaluate import infer, read_classification_rows, score_classifier
+from model.negatives import mine_bm25_negatives
 from model.run import METRICS_FILE, LoadedRun, load_run, save_run
 from model.tokenizer import load_tokenizer
-from model.training import (
-    MetricsLog,
-    Schedule,
-    pick_device,
-    set_threads,
-)
+from model.training import MetricsLog, Schedule, StepResult, TrainLoop, batch_rows, pick_device, set_threads
 
 
 @dataclass
@@ -41,13 +39,18 @@ class ClassifyOptions:
     epochs: float | None = None  # default 3, or 10 with freeze_encoder (a linear head on fixed features)
     multi_label: bool = False
     freeze_encoder: bool = False
+    # Multi-task: also train the contrastive loss on these pairs, so the one encoder keeps serving
+    # /embed well while it learns the classes (a plain classification fine-tune degrades embeddings).
+    pairs: Path | None = None
+    pair_batch_size: int = 64
+    temperature: float = 0.05
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
     budget_minutes: float | None = None
     max_steps: int | None = None
     batch_size: int | None = None  # default 32, or 256 with freeze_encoder
-    lr: float | None = None  # default 3e-4, or 3e-3 with freeze_encoder
+    lr: float | None = None  # default 5e-4, or 3e-3 with freeze_encoder
     limit: int | None = None  # use only the first N training rows (quick builds)
     progress: bool = True
 
@@ -60,6 +63,8 @@ class EmbedOptions:
     epochs: float = 1.0
     matryoshka: list[int] = field(default_factory=list)
     temperature: float = 0.05
+    symmetric: bool = True  # also score each document against the queries (both InfoNCE directions)
+    mine_negatives: bool = False  # one BM25 hard negative for every pair that has none
     dropout: float | None = None  # default 0, or 0.1 for SimCSE where dropout is the augmentation
     seed: int = 0
     device: str = "auto"
@@ -67,180 +72,14 @@ class EmbedOptions:
     budget_minutes: float | None = None
     max_steps: int | None = None
     batch_size: int | None = None  # default 64: in-batch negatives want large batches
-    lr: float | None = None  # default 2e-4
+    lr: float | None = None  # default 5e-4
     limit: int | None = None  # use only the first N training rows (quick builds)
     progress: bool = True
 
 
-@functools.lru_cache(maxsize=2)
-def _epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def _batch_indices(rows: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Rows of batch `step`: epoch-wise seeded permutations, a batch never spans two epochs."""
-    per_epoch = max(1, rows // batch_size)
-    epoch, position = divmod(step, per_epoch)
-    return _epoch_order(rows, seed, epoch)[position * batch_size : (position + 1) * batch_size]
-
-
-def _train_loop(
-    name: str,
-    parameters: list[nn.Parameter],
-    groups: list[dict[str, Any]],
-    loss_at: Callable[[int], torch.Tensor],
-    planned_steps: int,
-    options: ClassifyOptions | EmbedOptions,
-    peak_lr: float,
-    out: Path,
-    started: float,
-) -> dict[str, Any]:
-    """AdamW with warmup + linear decay and clipping, over the planned epochs, cut to --max-steps and
-    to the wall-clock budget (whatever runs out first)."""
-    optimizer = torch.optim.AdamW(groups, lr=peak_lr)
-    max_steps = planned_steps if options.max_steps is None else min(planned_steps, options.max_steps)
-    budget_seconds = None
-    if options.budget_minutes is not None:
-        budget_seconds = options.budget_minutes * 60 * 0.95 - (time.perf_counter() - started)
-    schedule = Schedule(peak_lr, max_steps, budget_seconds)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / METRICS_FILE)
-    losses: list[float] = []
-    progress = tqdm(
-        total=max_steps, desc=name, file=sys.stderr, dynamic_ncols=True, disable=not options.progress
-    )
-    step, trained_seconds = 0, 0.0
-    while not schedule.done(step, schedule.time_fraction(trained_seconds)):
-        step_started = time.perf_counter()
-        lr = schedule.lr(step, schedule.time_fraction(trained_seconds))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = loss_at(step)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        trained_seconds += time.perf_counter() - step_started
-        losses.append(loss.item())
-        metrics.write({"step": step, "loss": losses[-1], "lr": lr})
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        progress.update(1)
-    progress.close()
-    metrics.close()
-    tail = losses[-20:]
-    return {
-        "steps": step,
-        "planned_steps": max_steps,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": sum(tail) / len(tail) if tail else None,
-        "seed": options.seed,
-        "lr": peak_lr,
-        "train_seconds": round(trained_seconds, 1),
-        "budget_minutes": options.budget_minutes,
-    }
-
-
-def _prepare(options: ClassifyOptions | EmbedOptions) -> tuple[LoadedRun, torch.device, float]:
-    started = time.perf_counter()
-    set_threads(options.threads)
-    device = pick_device(options.device)
-    run = load_run(options.init)
-    torch.manual_seed(options.seed)
-    return run, device, started
-
-
-def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
-    run, device, started = _prepare(options)
-    tokenizer = load_tokenizer(run.tokenizer_path)
-    texts, targets = read_classification_rows(options.train, options.multi_label)
-    texts, targets = texts[: options.limit], targets[: options.limit]
-    if not options.multi_label and any(len(t) != 1 for t in targets):
-        raise DataError(f"{options.train}: single-label rows need exactly one label")
-    labels = sorted({label for target in targets for label in target})
-    if len(labels) < 2 and not options.multi_label:
-        raise DataError(f"{options.train}: need at least two distinct labels, found {labels}")
-    label_index = {label: i for i, label in enumerate(labels)}
-    target_tensor = torch.zeros(len(texts), len(labels))
-    for row, target in enumerate(targets):
-        target_tensor[row, [label_index[label] for label in target]] = 1.0
-    encoder = run.build_encoder().to(device)
-    classifier = nn.Linear(run.config.n_embd, len(labels)).to(device)
-    nn.init.normal_(classifier.weight, std=0.02)
-    nn.init.zeros_(classifier.bias)
-    module = InferenceModule(encoder, classifier)
-
-    def head_loss(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        wanted = target_tensor[rows].to(device)
-        if options.multi_label:
-            return F.binary_cross_entropy_with_logits(logits, wanted)
-        return F.cross_entropy(logits, wanted.argmax(dim=1))
-
-    batch_size = options.batch_size or (256 if options.freeze_encoder else 32)
-    epochs = options.epochs or (10.0 if options.freeze_encoder else 3.0)
-    planned = math.ceil(epochs * max(1, len(texts) // batch_size))
-    if options.freeze_encoder:
-        # The encoder never changes, so its pooled outputs are computed once and the head trains on them.
-        encoder.requires_grad_(False)
-        features = infer(InferenceModule(encoder, None), tokenizer, texts, device, desc="features")[0]
-        # Pooled embeddings share a large common direction; the head trains on standardised features
-        # (much better conditioned) and the standardisation is folded into its weights afterwards.
-        feature_mean, feature_std = features.mean(dim=0), features.std(dim=0) + 1e-6
-        features = ((features - feature_mean) / feature_std).to(device)
-
-        def loss_at(step: int) -> torch.Tensor:
-            rows = _batch_indices(len(texts), batch_size, options.seed, step)
-            return head_loss(classifier(features[rows]), rows)
-
-        parameters = list(classifier.parameters())
-        peak_lr = options.lr or 3e-3
-    else:
-        tokenized = TokenizedTexts.encode(tokenizer, texts)
-        module.train()
-
-        def loss_at(step: int) -> torch.Tensor:
-            rows = _batch_indices(len(texts), batch_size, options.seed, step)
-            input_ids, attention_mask = tokenized.batch(rows)
-            _, logits = module(input_ids.to(device), attention_mask.to(device))
-            return head_loss(logits, rows)
-
-        parameters = list(module.parameters())
-        peak_lr = options.lr or 3e-4
-    groups = optimizer_groups(module, weight_decay=0.01)
-    summary = _train_loop(
-        "finetune classify", parameters, groups, loss_at, planned, options, peak_lr, options.out, started
-    )
-    summary.update(kind="classify", freeze_encoder=options.freeze_encoder, examples=len(texts))
-    if options.freeze_encoder:
-        with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
-            classifier.weight.div_(feature_std.to(device))
-            classifier.bias.sub_(classifier.weight @ feature_mean.to(device))
-    if options.eval is not None:
-        eval_texts, eval_targets = read_classification_rows(options.eval, options.multi_label)
-        for number, target in enumerate(eval_targets, start=1):
-            unknown = [label for label in target if label not in label_index]
-            if unknown:
-                raise DataError(f"{options.eval}: row {number}: label {unknown[0]!r} is not a training label")
-        summary["eval"] = score_classifier(
-            module, tokenizer, labels, options.multi_label, eval_texts, eval_targets, device
-        )
-    weights = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
-    weights.update({f"classifier.{k}": v for k, v in classifier.state_dict().items()})
-    # An embed init keeps its embedding behaviour, so one bundle serves /embed and /classify.
-    save_run(
-        options.out,
-        kind="classify",
-        config=run.config,
-        weights=weights,
-        tokenizer_path=run.tokenizer_path,
-        labels=labels,
-        multi_label=options.multi_label,
-        normalize=run.normalize,
-        matryoshka_dims=run.matryoshka_dims,
-        summary={**summary, "init": run.summary},
-        parent=run.path,
-    )
-    return {"run": str(options.out), "labels": len(labels), **summary}
+DEFAULT_EMBED_LR = 5e-4
+DEFAULT_CLASSIFY_LR = 5e-4
+DEFAULT_HEAD_LR = 3e-3  # a linear head on frozen features
 
 
 @dataclass
@@ -261,22 +100,250 @@ def read_pairs(path: Path, limit: int | None = None) -> Pairs:
         texts = [str(row["text"]) for row in read_jsonl(path, ("text",))][:limit]
         return Pairs(texts, texts, [None] * len(texts), simcse=True)
     rows = read_jsonl(path, ("query", "positive"))[:limit]
-    negatives = [row.get("negative") for row in rows]
-    return Pairs([r["query"] for r in rows], [r["positive"] for r in rows], negatives, simcse=False)
+    negatives = [None if row.get("negative") is None else str(row["negative"]) for row in rows]
+    return Pairs([str(r["query"]) for r in rows], [str(r["positive"]) for r in rows], negatives, simcse=False)
 
 
 def contrastive_loss(
-    queries: torch.Tensor, documents: torch.Tensor, temperature: float, dims: list[int]
+    queries: torch.Tensor,
+    documents: torch.Tensor,
+    temperature: float,
+    dims: list[int],
+    symmetric: bool = False,
 ) -> torch.Tensor:
     """InfoNCE: query i's positive is document i; the other documents (in-batch positives, then hard
-    negatives) are negatives. With Matryoshka dims the loss is averaged over the truncations too."""
-    targets = torch.arange(queries.shape[0], device=queries.device)
+    negatives) are negatives. Symmetric adds the document -> query direction over the positives (each
+    positive must pick its own query among the batch's). With Matryoshka dims the loss is averaged over
+    the truncations too."""
+    batch = queries.shape[0]
+    targets = torch.arange(batch, device=queries.device)
     losses = []
     for dim in [*dims, queries.shape[1]]:
         q = F.normalize(queries[:, :dim], dim=1)
         d = F.normalize(documents[:, :dim], dim=1)
-        losses.append(F.cross_entropy(q @ d.T / temperature, targets))
+        scores = q @ d.T / temperature  # (B, B + negatives)
+        loss = F.cross_entropy(scores, targets)
+        if symmetric:
+            loss = (loss + F.cross_entropy(scores[:, :batch].T, targets)) / 2
+        losses.append(loss)
     return torch.stack(losses).mean()
+
+
+class ContrastiveTask:
+    """Query/document pairs, tokenised once; `loss(step)` embeds batch `step` and scores it."""
+
+    def __init__(
+        self,
+        pairs: Pairs,
+        tokenizer: Any,
+        encoder: Encoder,
+        device: torch.device,
+        batch_size: int,
+        temperature: float,
+        seed: int,
+        symmetric: bool,
+        dims: list[int] | None = None,
+    ) -> None:
+        self.pairs, self.encoder, self.device = pairs, encoder, device
+        self.batch_size, self.temperature, self.seed = batch_size, temperature, seed
+        self.symmetric, self.dims = symmetric, dims or []
+        self.queries = TokenizedTexts.encode(tokenizer, pairs.queries)
+        self.positives = self.queries if pairs.simcse else TokenizedTexts.encode(tokenizer, pairs.positives)
+        self.negative_rows = [i for i, negative in enumerate(pairs.negatives) if negative is not None]
+        negative_texts = [str(pairs.negatives[i]) for i in self.negative_rows]
+        self.negatives = TokenizedTexts.encode(tokenizer, negative_texts)
+        self.negative_position = {row: position for position, row in enumerate(self.negative_rows)}
+
+    def __len__(self) -> int:
+        return len(self.pairs.queries)
+
+    def _embed(self, tokens: TokenizedTexts, rows: list[int]) -> tuple[torch.Tensor, int]:
+        input_ids, attention_mask = tokens.batch(rows)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        return mean_pool(self.encoder(input_ids, attention_mask), attention_mask), int(attention_mask.sum())
+
+    def loss(self, step: int) -> StepResult:
+        rows = batch_rows(len(self), self.batch_size, self.seed, step)
+        documents, document_tokens = self._embed(self.positives, rows)
+        hard = [self.negative_position[row] for row in rows if row in self.negative_position]
+        negative_tokens = 0
+        if hard:
+            negatives, negative_tokens = self._embed(self.negatives, hard)
+            documents = torch.cat([documents, negatives])
+        queries, query_tokens = self._embed(self.queries, rows)
+        loss = contrastive_loss(queries, documents, self.temperature, self.dims, self.symmetric)
+        return StepResult(loss, query_tokens + document_tokens + negative_tokens)
+
+
+class ClassificationTask:
+    """Labelled texts, tokenised once; `loss(step)` runs batch `step` through encoder and head."""
+
+    def __init__(
+        self,
+        texts: list[str],
+        targets: torch.Tensor,
+        multi_label: bool,
+        tokenizer: Any,
+        module: InferenceModule,
+        device: torch.device,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        self.targets, self.multi_label, self.module, self.device = targets, multi_label, module, device
+        self.batch_size, self.seed = batch_size, seed
+        self.tokens = TokenizedTexts.encode(tokenizer, texts)
+
+    def __len__(self) -> int:
+        return len(self.tokens.ids)
+
+    def head_loss(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        wanted = self.targets[rows].to(self.device)
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, wanted)
+        return F.cross_entropy(logits, wanted.argmax(dim=1))
+
+    def loss(self, step: int) -> StepResult:
+        rows = batch_rows(len(self), self.batch_size, self.seed, step)
+        input_ids, attention_mask = self.tokens.batch(rows)
+        outputs = self.module(input_ids.to(self.device), attention_mask.to(self.device))
+        return StepResult(self.head_loss(outputs[1], rows), int(attention_mask.sum()))
+
+
+def _prepare(options: ClassifyOptions | EmbedOptions) -> tuple[LoadedRun, torch.device, float]:
+    started = time.perf_counter()
+    set_threads(options.threads)
+    device = pick_device(options.device)
+    run = load_run(options.init)
+    torch.manual_seed(options.seed)
+    return run, device, started
+
+
+def _train(
+    name: str,
+    module: nn.Module,
+    step_loss: Any,
+    planned_steps: int,
+    options: ClassifyOptions | EmbedOptions,
+    peak_lr: float,
+    started: float,
+) -> dict[str, Any]:
+    """AdamW with warmup + linear decay and clipping, over the planned epochs, cut to max_steps and to
+    the wall-clock budget (whichever runs out first)."""
+    max_steps = planned_steps if options.max_steps is None else min(planned_steps, options.max_steps)
+    budget_seconds = None
+    if options.budget_minutes is not None:
+        budget_seconds = options.budget_minutes * 60 * 0.95 - (time.perf_counter() - started)
+    options.out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(options.out / METRICS_FILE)
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(optimizer_groups(module, weight_decay=0.01), lr=peak_lr)
+    loop = TrainLoop(
+        name, parameters, optimizer, Schedule(peak_lr, max_steps, budget_seconds), metrics,
+        progress=options.progress,
+    )
+    loop.run(step_loss)
+    metrics.close()
+    summary = loop.summary()
+    summary.update(planned_steps=max_steps, seed=options.seed, budget_minutes=options.budget_minutes)
+    return summary
+
+
+def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
+    run, device, started = _prepare(options)
+    if options.freeze_encoder and options.pairs is not None:
+        raise ModelError("a frozen encoder cannot also train on pairs: drop freeze_encoder or pairs")
+    tokenizer = load_tokenizer(run.tokenizer_path)
+    texts, targets = read_classification_rows(options.train, options.multi_label)
+    texts, targets = texts[: options.limit], targets[: options.limit]
+    if not options.multi_label and any(len(t) != 1 for t in targets):
+        raise DataError(f"{options.train}: single-label rows need exactly one label")
+    labels = sorted({label for target in targets for label in target})
+    if len(labels) < 2 and not options.multi_label:
+        raise DataError(f"{options.train}: need at least two distinct labels, found {labels}")
+    label_index = {label: i for i, label in enumerate(labels)}
+    target_tensor = torch.zeros(len(texts), len(labels))
+    for row, target in enumerate(targets):
+        target_tensor[row, [label_index[label] for label in target]] = 1.0
+    encoder = run.build_encoder().to(device)
+    classifier = nn.Linear(run.config.n_embd, len(labels)).to(device)
+    nn.init.normal_(classifier.weight, std=0.02)
+    nn.init.zeros_(classifier.bias)
+    module = InferenceModule(encoder, classifier)
+
+    batch_size = options.batch_size or (256 if options.freeze_encoder else 32)
+    epochs = options.epochs or (10.0 if options.freeze_encoder else 3.0)
+    planned = math.ceil(epochs * max(1, len(texts) // batch_size))
+    task = ClassificationTask(
+        texts, target_tensor, options.multi_label, tokenizer, module, device, batch_size, options.seed
+    )
+    pair_task = None
+    if options.freeze_encoder:
+        # The encoder never changes, so its pooled outputs are computed once and the head trains on them.
+        encoder.requires_grad_(False)
+        features = infer(InferenceModule(encoder, None), tokenizer, texts, device, desc="features")[0]
+        # Pooled embeddings share a large common direction; the head trains on standardised features
+        # (much better conditioned) and the standardisation is folded into its weights afterwards.
+        feature_mean, feature_std = features.mean(dim=0), features.std(dim=0) + 1e-6
+        features = ((features - feature_mean) / feature_std).to(device)
+
+        def step_loss(step: int) -> StepResult:
+            rows = batch_rows(len(texts), batch_size, options.seed, step)
+            return StepResult(task.head_loss(classifier(features[rows]), rows))
+
+        peak_lr = options.lr or DEFAULT_HEAD_LR
+    else:
+        module.train()
+        if options.pairs is not None:
+            pair_task = ContrastiveTask(
+                read_pairs(options.pairs), tokenizer, encoder, device, options.pair_batch_size,
+                options.temperature, options.seed, symmetric=True, dims=run.matryoshka_dims,
+            )
+
+        def step_loss(step: int) -> StepResult:
+            result = task.loss(step)
+            if pair_task is None:
+                return result
+            pairs = pair_task.loss(step)
+            logs = {"classify_loss": result.loss.item(), "contrastive_loss": pairs.loss.item()}
+            return StepResult(result.loss + pairs.loss, result.tokens + pairs.tokens, logs)
+
+        peak_lr = options.lr or DEFAULT_CLASSIFY_LR
+    summary = _train("finetune classify", module, step_loss, planned, options, peak_lr, started)
+    summary.update(
+        kind="classify", freeze_encoder=options.freeze_encoder, examples=len(texts),
+        multitask_pairs=len(pair_task) if pair_task else 0,
+    )
+    if options.freeze_encoder:
+        with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
+            classifier.weight.div_(feature_std.to(device))
+            classifier.bias.sub_(classifier.weight @ feature_mean.to(device))
+    if options.eval is not None:
+        eval_texts, eval_targets = read_classification_rows(options.eval, options.multi_label)
+        for number, target in enumerate(eval_targets, start=1):
+            unknown = [label for label in target if label not in label_index]
+            if unknown:
+                raise DataError(f"{options.eval}: row {number}: label {unknown[0]!r} is not a training label")
+        summary["eval"] = score_classifier(
+            module, tokenizer, labels, options.multi_label, eval_texts, eval_targets, device
+        )
+    weights = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    weights.update({f"classifier.{k}": v for k, v in classifier.state_dict().items()})
+    # An embed init (or multi-task pairs) keeps embedding behaviour, so one bundle serves /embed and
+    # /classify: the vectors are then normalised as an embed run's are.
+    save_run(
+        options.out,
+        kind="classify",
+        config=run.config,
+        weights=weights,
+        tokenizer_path=run.tokenizer_path,
+        labels=labels,
+        multi_label=options.multi_label,
+        normalize=run.normalize or pair_task is not None,
+        matryoshka_dims=run.matryoshka_dims,
+        summary={**summary, "init": run.summary},
+        parent=run.path,
+    )
+    return {"run": str(options.out), "labels": len(labels), **summary}
 
 
 def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
@@ -286,47 +353,30 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
         raise ModelError(f"matryoshka dims must be smaller than the model's dim {run.config.n_embd}")
     tokenizer = load_tokenizer(run.tokenizer_path)
     pairs = read_pairs(options.train, options.limit)
-    query_tokens = TokenizedTexts.encode(tokenizer, pairs.queries)
-    positive_tokens = query_tokens if pairs.simcse else TokenizedTexts.encode(tokenizer, pairs.positives)
-    negative_rows = [i for i, negative in enumerate(pairs.negatives) if negative is not None]
-    negative_tokens = TokenizedTexts.encode(tokenizer, [str(pairs.negatives[i]) for i in negative_rows])
-    negative_position = {row: position for position, row in enumerate(negative_rows)}
+    mined = 0
+    if options.mine_negatives and not pairs.simcse:
+        negatives, mined = mine_bm25_negatives(pairs.queries, pairs.positives, pairs.negatives, options.seed)
+        pairs = Pairs(pairs.queries, pairs.positives, negatives, simcse=False)
     encoder: Encoder = run.build_encoder().to(device)
     dropout = options.dropout if options.dropout is not None else (0.1 if pairs.simcse else 0.0)
     set_dropout(encoder, dropout)
     encoder.train()
     batch_size = options.batch_size or 64
-
-    def embed(tokens: TokenizedTexts, rows: list[int]) -> torch.Tensor:
-        input_ids, attention_mask = tokens.batch(rows)
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        return mean_pool(encoder(input_ids, attention_mask), attention_mask)
-
-    def loss_at(step: int) -> torch.Tensor:
-        rows = _batch_indices(len(pairs.queries), batch_size, options.seed, step)
-        documents = embed(positive_tokens, rows)
-        hard = [negative_position[row] for row in rows if row in negative_position]
-        if hard:
-            documents = torch.cat([documents, embed(negative_tokens, hard)])
-        return contrastive_loss(embed(query_tokens, rows), documents, options.temperature, dims)
-
-    planned = math.ceil(options.epochs * max(1, len(pairs.queries) // batch_size))
-    summary = _train_loop(
-        "finetune embed",
-        list(encoder.parameters()),
-        optimizer_groups(encoder, 0.01),
-        loss_at,
-        planned,
-        options,
-        options.lr or 2e-4,
-        options.out,
-        started,
+    task = ContrastiveTask(
+        pairs, tokenizer, encoder, device, batch_size, options.temperature, options.seed,
+        symmetric=options.symmetric and not pairs.simcse, dims=dims,
+    )
+    planned = math.ceil(options.epochs * max(1, len(task) // batch_size))
+    summary = _train(
+        "finetune embed", encoder, task.loss, planned, options, options.lr or DEFAULT_EMBED_LR, started
     )
     summary.update(
         kind="embed",
         simcse=pairs.simcse,
-        pairs=len(pairs.queries),
-        hard_negatives=len(negative_rows),
+        pairs=len(task),
+        hard_negatives=len(task.negative_rows),
+        mined_negatives=mined,
+        symmetric=task.symmetric,
         temperature=options.temperature,
         dropout=dropout,
         matryoshka_dims=dims,

@@ -1,40 +1,51 @@
-"""Masked-language-model pretraining, on CPU, one GPU, or several processes under torchrun (DDP).
+"""Pretraining from scratch, on CPU, one GPU, or several processes under torchrun (DDP).
 
-Every random choice is a pure function of (seed, step): the data order comes from a per-epoch
-permutation and the masking from a per-step generator. A resumed run therefore reproduces the
-loss curve of an uninterrupted one, and DDP ranks split one global batch instead of drawing their own.
+Two objectives: replaced-token detection (ELECTRA, the default: a learning signal at every token,
+model/electra.py) and masked-language modelling (BERT). Every random choice is a pure function of
+(seed, step): the data order comes from a per-epoch permutation and the masking from a per-step
+generator. A resumed run therefore reproduces the loss curve of an uninterrupted one, and DDP ranks
+split one global batch instead of drawing their own.
 """
 
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from model.config import PositionKind, preset_config
 from model.data import mask_tokens, pack_corpus, read_text_lines
+from model.electra import ReplacedTokenDetectionModel, choose_positions
 from model.encoder import MaskedLMModel, optimizer_groups
 from model.errors import ModelError
 from model.run import METRICS_FILE, save_run
 from model.tokenizer import load_tokenizer
 from model.training import (
     Distributed,
+    LoopState,
     MetricsLog,
     Schedule,
+    StepResult,
+    TrainLoop,
+    batch_rows,
     pick_device,
     set_threads,
 )
 
+Objective = Literal["electra", "mlm"]
+PretrainModel = MaskedLMModel | ReplacedTokenDetectionModel
+
 CHECKPOINT_DIR = "checkpoint"
+# MLM: Wettig et al. 2023, more than BERT's 15% trains faster. ELECTRA: the paper's 15%; the
+# generator then has enough context to make plausible, hard-to-detect replacements.
+DEFAULT_MASK_PROB: dict[str, float] = {"mlm": 0.3, "electra": 0.15}
 
 
 @dataclass
@@ -50,7 +61,8 @@ class PretrainOptions:
     batch_size: int = 64  # sequences per optimizer step, summed over DDP ranks
     lr: float = 1e-3  # high for BERT, but stable with pre-LN, warmup and clipping on a small model
     weight_decay: float = 0.01
-    mask_prob: float = 0.3  # Wettig et al. 2023: more than BERT's 15% trains faster
+    objective: Objective = "electra"
+    mask_prob: float | None = None  # default per objective: DEFAULT_MASK_PROB
     grad_clip: float = 1.0
     position: PositionKind = "learned"
     # Packed sequence length (<= max_seq_len). Short packs make attention start out local: at init it
@@ -65,30 +77,12 @@ class PretrainOptions:
     progress: bool = True
 
 
-class Batches:
-    """Global batch `step` of the packed corpus: epoch-wise permutations seeded by (seed, epoch)."""
-
-    def __init__(self, rows: int, batch_size: int, seed: int) -> None:
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self._orders: dict[int, torch.Tensor] = {}
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._orders:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(self.rows, generator=generator)}
-        return self._orders[epoch]
-
-    def indices(self, step: int) -> torch.Tensor:
-        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
-        return torch.stack([self._order(p // self.rows)[p % self.rows] for p in positions])
-
-
 def _masking_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + 1) * 7_919_993 + step)
 
 
 def _save_checkpoint(
-    path: Path, model: MaskedLMModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    path: Path, model: PretrainModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
     path.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -100,7 +94,7 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, model: MaskedLMModel, optimizer: torch.optim.Optimizer, device: torch.device
+    path: Path, model: PretrainModel, optimizer: torch.optim.Optimizer, device: torch.device
 ) -> dict[str, Any]:
     try:
         state = json.loads((path / "state.json").read_text())
@@ -123,6 +117,14 @@ def pretrain(options: PretrainOptions) -> dict[str, Any]:
         distributed.close()
 
 
+def build_pretrain_model(config: Any, objective: Objective) -> PretrainModel:
+    if objective == "electra":
+        return ReplacedTokenDetectionModel(config)
+    if objective == "mlm":
+        return MaskedLMModel(config)
+    raise ModelError(f"unknown pretraining objective {objective!r} (choose electra or mlm)")
+
+
 def _pretrain(
     options: PretrainOptions, distributed: Distributed, device: torch.device, threads: int, started: float
 ) -> dict[str, Any]:
@@ -136,10 +138,10 @@ def _pretrain(
         raise ModelError(
             f"sequence length must be between 2 and max_seq_len ({config.max_seq_len}), not {seq_len}"
         )
+    mask_prob = options.mask_prob if options.mask_prob is not None else DEFAULT_MASK_PROB[options.objective]
     sequences = pack_corpus(tokenizer, read_text_lines(options.corpus), seq_len)
-    batches = Batches(len(sequences), options.batch_size, options.seed)
     torch.manual_seed(options.seed)
-    model = MaskedLMModel(config)
+    model = build_pretrain_model(config, options.objective)
     model.init_bias_from_frequencies(sequences)
     model = model.to(device)
     optimizer = torch.optim.AdamW(
@@ -152,7 +154,7 @@ def _pretrain(
     checkpoint_dir = options.out / CHECKPOINT_DIR
     options.out.mkdir(parents=True, exist_ok=True)
     resuming = options.resume and (checkpoint_dir / "state.json").is_file()
-    state = _load_checkpoint(checkpoint_dir, model, optimizer, device) if resuming else {}
+    saved = _load_checkpoint(checkpoint_dir, model, optimizer, device) if resuming else {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     train_model: torch.nn.Module = model
     if options.compile and device.type == "cuda":
@@ -162,107 +164,66 @@ def _pretrain(
         train_model = DistributedDataParallel(train_model, device_ids=device_ids)
     rank_rows = slice(distributed.rank, None, distributed.world_size)
 
-    def loss_at(step: int) -> tuple[torch.Tensor, int]:
-        inputs, labels = mask_tokens(
-            sequences[batches.indices(step)],
-            config.vocab_size,
-            options.mask_prob,
-            _masking_generator(options.seed, step),
-        )
-        inputs, labels = inputs[rank_rows].to(device), labels[rank_rows].to(device)
+    def step_loss(step: int) -> StepResult:
+        rows = sequences[batch_rows(len(sequences), options.batch_size, options.seed, step)]
+        generator = _masking_generator(options.seed, step)
+        if options.objective == "mlm":
+            inputs, labels = mask_tokens(rows, config.vocab_size, mask_prob, generator)
+            inputs, labels = inputs[rank_rows].to(device), labels[rank_rows].to(device)
+            attention_mask = (inputs != config.pad_token_id).long()
+            with autocast:
+                loss = train_model(inputs, attention_mask, labels)
+            return StepResult(loss, int(attention_mask.sum()))
+        chosen = choose_positions(rows, mask_prob, generator)
+        inputs, chosen = rows[rank_rows].to(device), chosen[rank_rows].to(device)
         attention_mask = (inputs != config.pad_token_id).long()
         with autocast:
-            return train_model(inputs, attention_mask, labels), int(attention_mask.sum())
+            loss, logs = train_model(inputs, attention_mask, chosen, generator)
+        return StepResult(loss, int(attention_mask.sum()), logs)
 
     if resuming:
-        budget_seconds = state["budget_train_seconds"]
+        budget_seconds = saved["budget_train_seconds"]
     elif options.budget_minutes is not None:
         # The budget covers the whole command: data preparation so far, training, and the final save.
         budget_seconds = options.budget_minutes * 60 * 0.98 - (time.perf_counter() - started)
     else:
         budget_seconds = None
     schedule = Schedule(options.lr, options.max_steps, budget_seconds)
-    start_step = state.get("step", 0)
-    tokens_seen = state.get("tokens", 0)
-    trained_seconds = state.get("train_seconds", 0.0)
-    recent_losses: list[float] = state.get("recent_losses", [])
+    state = LoopState.from_dict(saved) if resuming else LoopState()
     metrics = None
     if distributed.is_main:
-        metrics = MetricsLog(options.out / METRICS_FILE, start_step if resuming else None)
-    stop_at = math.inf if options.stop_after_steps is None else start_step + options.stop_after_steps
-    progress = tqdm(
-        total=options.max_steps,
-        initial=start_step,
-        desc="pretrain",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=not (options.progress and distributed.is_main),
+        metrics = MetricsLog(options.out / METRICS_FILE, state.step if resuming else None)
+    loop = TrainLoop(
+        "pretrain",
+        list(model.parameters()),
+        optimizer,
+        schedule,
+        metrics,
+        grad_clip=options.grad_clip,
+        distributed=distributed,
+        progress=options.progress,
+        state=state,
     )
-    step = start_step
-    time_fraction = distributed.maximum(schedule.time_fraction(trained_seconds))
+    stop_at = math.inf if options.stop_after_steps is None else state.step + options.stop_after_steps
+
+    def checkpoint(state: LoopState) -> None:
+        finished = loop.finished()  # a collective under DDP: every rank must ask, not only the main one
+        if not distributed.is_main or finished:
+            return
+        if state.step % options.checkpoint_every == 0 or state.step == stop_at:
+            saved_state = {**state.to_dict(), "budget_train_seconds": budget_seconds, "seed": options.seed}
+            _save_checkpoint(checkpoint_dir, model, optimizer, saved_state)
+
     model.train()
-    while not schedule.done(step, time_fraction) and step < stop_at:
-        lr = schedule.lr(step, time_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_started = time.perf_counter()
-        loss, tokens = loss_at(step)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_value = distributed.mean(loss.item())
-        step_seconds = time.perf_counter() - step_started
-        trained_seconds += step_seconds
-        time_fraction = distributed.maximum(schedule.time_fraction(trained_seconds))
-        tokens_seen += tokens * distributed.world_size
-        tokens_per_second = tokens * distributed.world_size / max(step_seconds, 1e-9)
-        recent_losses = [*recent_losses[-19:], loss_value]
-        if metrics is not None:
-            metrics.write(
-                {
-                    "step": step,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens": tokens_seen,
-                    "tokens_per_s": tokens_per_second,
-                    "elapsed_s": round(time.perf_counter() - started, 3),
-                }
-            )
-        progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_second:,.0f}", lr=f"{lr:.2e}")
-        progress.update(1)
-        finished = schedule.done(step, time_fraction)
-        if distributed.is_main and not finished and (step % options.checkpoint_every == 0 or step == stop_at):
-            _save_checkpoint(
-                checkpoint_dir,
-                model,
-                optimizer,
-                {
-                    "step": step,
-                    "tokens": tokens_seen,
-                    "train_seconds": trained_seconds,
-                    "budget_train_seconds": budget_seconds,
-                    "recent_losses": recent_losses,
-                    "seed": options.seed,
-                },
-            )
-    progress.close()
+    loop.run(step_loss, stop_at=stop_at, after_step=checkpoint)
     distributed.barrier()
-    finished = schedule.done(step, time_fraction)
     summary = {
         "kind": "pretrain",
+        "objective": options.objective,
         "preset": options.preset,
         "seed": options.seed,
-        "steps": step,
-        "max_steps": options.max_steps,
+        **loop.summary(),
         "budget_minutes": options.budget_minutes,
-        "finished": finished,
-        "tokens": tokens_seen,
-        "final_loss": sum(recent_losses) / len(recent_losses) if recent_losses else None,
-        "tokens_per_s": round(tokens_seen / trained_seconds) if trained_seconds else None,
-        "train_seconds": round(trained_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "batch_size": options.batch_size,
         "world_size": distributed.world_size,
@@ -270,12 +231,11 @@ def _pretrain(
         "device": device.type,
         "corpus_sequences": len(sequences),
         "seq_len": seq_len,
-        "mask_prob": options.mask_prob,
-        "lr": options.lr,
+        "mask_prob": mask_prob,
     }
     if metrics is not None:
         metrics.close()
-    if distributed.is_main and finished:
+    if distributed.is_main and summary["finished"]:
         save_run(
             options.out,
             kind="pretrain",

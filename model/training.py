@@ -1,14 +1,20 @@
-"""What pretraining and fine-tuning share: device and threads, the LR schedule, step planning for a
-wall-clock budget, the metrics log and the torchrun (DDP) process group."""
+"""What pretraining and fine-tuning share: device and threads, the LR schedule, seeded batches, the
+metrics log, the torchrun (DDP) process group, and the one training loop that drives every step."""
 
+import functools
 import json
+import math
 import os
-from dataclasses import dataclass, field
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from model.errors import ModelError
 
@@ -151,3 +157,154 @@ class Distributed:
     def close(self) -> None:
         if self.world_size > 1:
             dist.destroy_process_group()
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_rows(rows: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Rows of global batch `step`: epoch-wise permutations seeded by (seed, epoch), so the data order
+    is a pure function of (seed, step) and a resumed run sees the batches an uninterrupted one would.
+    A batch never spans two epochs (the tail rows of an epoch are skipped), so every row of a batch is
+    distinct, which in-batch contrastive losses rely on."""
+    per_epoch = max(1, rows // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = _epoch_order(rows, seed, epoch)
+    return order[position * batch_size : (position + 1) * batch_size].tolist()
+
+
+@dataclass
+class StepResult:
+    """What one step's loss function hands the loop: the loss to minimise, the tokens it processed
+    (for throughput), and any extra scalars worth logging (the parts of a multi-task loss)."""
+
+    loss: torch.Tensor
+    tokens: int = 0
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoopState:
+    """Where a run stands; saved in resume checkpoints, so a resumed run continues the same curve."""
+
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    recent_losses: list[float] = field(default_factory=list)
+    first_loss: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LoopState":
+        known = ("step", "tokens", "train_seconds", "recent_losses", "first_loss")
+        return cls(**{key: values[key] for key in known if key in values})
+
+    @property
+    def final_loss(self) -> float | None:
+        return sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None
+
+
+class TrainLoop:
+    """The one loop of every training command: set the scheduled learning rate, compute the step's
+    loss, backward, clip, AdamW step; log, count tokens and time, stop on the step or time budget.
+
+    Pretraining and each fine-tune differ only in the loss function they pass (`step_loss(step)`),
+    so schedule, clipping, logging and budgets behave the same everywhere."""
+
+    def __init__(
+        self,
+        name: str,
+        parameters: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        metrics: MetricsLog | None,
+        *,
+        grad_clip: float = 1.0,
+        distributed: Distributed | None = None,
+        progress: bool = True,
+        state: LoopState | None = None,
+    ) -> None:
+        self.name = name
+        self.parameters = parameters
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.metrics = metrics
+        self.grad_clip = grad_clip
+        self.distributed = distributed or Distributed(rank=0, world_size=1, local_rank=0)
+        self.progress = progress
+        self.state = state or LoopState()
+
+    def time_fraction(self) -> float:
+        return self.distributed.maximum(self.schedule.time_fraction(self.state.train_seconds))
+
+    def finished(self) -> bool:
+        return self.schedule.done(self.state.step, self.time_fraction())
+
+    def run(
+        self,
+        step_loss: Callable[[int], StepResult],
+        stop_at: float = math.inf,
+        after_step: Callable[[LoopState], None] | None = None,
+    ) -> LoopState:
+        """Train until the schedule is done or `stop_at` steps; `after_step` runs after every step
+        (pretraining saves its resume checkpoints there)."""
+        state = self.state
+        bar = tqdm(
+            total=self.schedule.max_steps,
+            initial=state.step,
+            desc=self.name,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (self.progress and self.distributed.is_main),
+        )
+        time_fraction = self.time_fraction()
+        while not self.schedule.done(state.step, time_fraction) and state.step < stop_at:
+            started = time.perf_counter()
+            lr = self.schedule.lr(state.step, time_fraction)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            result = step_loss(state.step)
+            result.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            loss = self.distributed.mean(result.loss.item())
+            seconds = time.perf_counter() - started
+            state.train_seconds += seconds
+            tokens = result.tokens * self.distributed.world_size
+            state.tokens += tokens
+            state.recent_losses = [*state.recent_losses[-19:], loss]
+            if state.first_loss is None:
+                state.first_loss = loss
+            time_fraction = self.time_fraction()
+            if self.metrics is not None:
+                record: dict[str, Any] = {"step": state.step, "loss": loss, "lr": lr}
+                record.update(result.logs)
+                record.update(grad_norm=float(grad_norm), tokens=state.tokens)
+                record["tokens_per_s"] = round(tokens / max(seconds, 1e-9), 1)
+                self.metrics.write(record)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if after_step is not None:
+                after_step(state)
+        bar.close()
+        return state
+
+    def summary(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "steps": state.step,
+            "max_steps": self.schedule.max_steps,
+            "finished": self.finished(),
+            "first_loss": state.first_loss,
+            "final_loss": state.final_loss,
+            "tokens": state.tokens,
+            "tokens_per_s": round(state.tokens / state.train_seconds) if state.train_seconds else None,
+            "train_seconds": round(state.train_seconds, 1),
+            "lr": self.schedule.peak_lr,
+        }

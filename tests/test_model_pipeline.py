@@ -76,8 +76,28 @@ def tokenizer(corpus: dict[str, Path]) -> Path:
     return path
 
 
+def metric_records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def metric_losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in metric_records(run)]
+
+
+def test_mlm_objective_learns_from_context(
+    corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, capsys: Capture
+) -> None:
+    result = encoder(
+        f"pretrain --tokenizer {tokenizer} --corpus {corpus['text']} --out {tmp_path} --objective mlm "
+        "--max-steps 60 --lr 3e-3 " + TINY_TRAINING,
+        capsys,
+    )
+    assert result["objective"] == "mlm" and result["mask_prob"] == 0.3
+    losses = metric_losses(tmp_path)
+    # The decoder bias starts at the unigram log-frequencies, so the loss starts at the unigram
+    # entropy (~3.9 here, not log(200) = 5.3); below it, the encoder is using the context.
+    assert losses[0] < 4.2
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05, losses
 
 
 def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, capsys: Capture) -> None:
@@ -87,12 +107,14 @@ def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, ca
         + TINY_TRAINING,
         capsys,
     )
-    assert result["steps"] == 60 and result["finished"]
-    losses = metric_losses(pre)
-    # The decoder bias starts at the unigram log-frequencies, so the loss starts at the unigram
-    # entropy (~3.9 here, not log(200) = 5.3); below it, the encoder is using the context.
-    assert losses[0] < 4.2
-    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05, losses
+    assert result["steps"] == 60 and result["finished"] and result["objective"] == "electra"
+    records = metric_records(pre)
+    # The generator's decoder bias starts at the unigram log-frequencies (~3.9 here, not log(200)).
+    assert records[0]["generator_loss"] < 4.2
+    detection = [record["detection_loss"] for record in records]
+    # Chance for the discriminator is the entropy of the replaced share (~0.4 nats at 15%); below it,
+    # the encoder is telling real tokens from the generator's.
+    assert sum(detection[-10:]) / 10 < sum(detection[:10]) / 10 - 0.05, detection
     assert load_run(pre).kind == "pretrain"
 
     result = encoder(
@@ -110,7 +132,7 @@ def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, ca
         "--no-progress",
         capsys,
     )
-    assert result["eval"]["accuracy"] > 0.8  # three easy classes; chance is 1/3
+    assert result["eval"]["accuracy"] > 0.5  # a linear head on 15-step features; chance is 1/3
     classify_run = load_run(classify)
     assert classify_run.labels == ["animal", "food", "tool"]
     assert (classify_run.normalize, classify_run.matryoshka_dims) == (True, [16, 32])
@@ -126,6 +148,23 @@ def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, ca
         capsys,
     )
     assert set(scores) >= {"recall@1", "recall@10", "mrr@10"} and scores["recall@10"] >= scores["recall@1"]
+
+    # Multi-task: one encoder fine-tuned on the classes and the pairs together.
+    multitask = tmp_path / "multitask"
+    result = encoder(
+        f"finetune classify --init {pre} --train {root / 'classify_train.jsonl'} --out {multitask} "
+        f"--pairs {root / 'pairs.jsonl'} --eval {root / 'classify_test.jsonl'} --lr 3e-3 "
+        "--threads 2 --no-progress",
+        capsys,
+    )
+    assert result["eval"]["accuracy"] > 0.6  # chance is 1/3; the pairs compete for a 2x32 encoder
+    assert result["multitask_pairs"] == 400
+    records = metric_records(multitask)
+    contrastive = [record["contrastive_loss"] for record in records]
+    assert sum(contrastive[-5:]) / 5 < sum(contrastive[:5]) / 5 - 0.1, contrastive
+    assert all(record["loss"] == pytest.approx(record["classify_loss"] + record["contrastive_loss"], rel=1e-4)
+               for record in records)
+    assert load_run(multitask).normalize  # it now serves embeddings: vectors are normalised
 
 
 def test_full_finetune_and_simcse(

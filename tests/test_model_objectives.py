@@ -1,0 +1,145 @@
+"""The training objectives on tiny tensors: ELECTRA's replaced-token labels and loss masking, the
+contrastive loss in both directions, BM25 negative mining, seeded batches and the shared loop."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import EncoderConfig
+from model.electra import (
+    ReplacedTokenDetectionModel,
+    choose_positions,
+    replaced_token_labels,
+    replaced_token_loss,
+)
+from model.finetune import contrastive_loss
+from model.negatives import mine_bm25_negatives
+from model.tokenizer import MASK_ID, SPECIAL_TOKENS
+from model.training import LoopState, Schedule, StepResult, TrainLoop, batch_rows
+
+TINY = dict(vocab_size=300, n_layer=2, n_head=2, n_embd=32, max_seq_len=16)
+
+
+def test_replaced_labels_mark_only_changed_tokens() -> None:
+    original = torch.tensor([[2, 10, 11, 12, 3, 0]])
+    # position 1 replaced by another token, position 2 "replaced" by the same token (a correct guess).
+    corrupted = torch.tensor([[2, 99, 11, 12, 3, 0]])
+    assert replaced_token_labels(original, corrupted).tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+def test_detection_loss_ignores_padding() -> None:
+    labels = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    logits = torch.tensor([[-2.0, 3.0, -1.0, 0.0]])
+    expected = F.binary_cross_entropy_with_logits(logits[:, :3], labels[:, :3])
+    assert replaced_token_loss(logits, labels, mask).item() == pytest.approx(expected.item())
+    # Whatever the model says at a padded position, the loss does not move.
+    logits[0, 3] = 50.0
+    assert replaced_token_loss(logits, labels, mask).item() == pytest.approx(expected.item())
+
+
+def test_choose_positions_never_picks_special_tokens() -> None:
+    ids = torch.randint(len(SPECIAL_TOKENS), 300, (64, 32))
+    ids[:, 0], ids[:, -1], ids[:8, 20:] = 2, 3, 0
+    chosen = choose_positions(ids, 0.15, torch.Generator().manual_seed(0))
+    assert not chosen[ids < len(SPECIAL_TOKENS)].any()
+    share = chosen.sum().item() / (ids >= len(SPECIAL_TOKENS)).sum().item()
+    assert abs(share - 0.15) < 0.02
+
+
+def test_electra_corrupts_only_chosen_positions_and_masks_the_generator_input() -> None:
+    torch.manual_seed(0)
+    model = ReplacedTokenDetectionModel(EncoderConfig(**TINY))
+    ids = torch.randint(len(SPECIAL_TOKENS), 300, (4, 12))
+    ids[:, 0], ids[:, 11] = 2, 3
+    mask = torch.ones_like(ids)
+    mask[0, 8:], ids[0, 8:] = 0, 0
+    chosen = choose_positions(ids, 0.4, torch.Generator().manual_seed(1))
+    seen: dict[str, torch.Tensor] = {}
+    model.encoder.register_forward_pre_hook(lambda _, args: seen.update(discriminator=args[0].clone()))
+    original_embed = model.encoder.embed
+
+    def record_embed(input_ids: torch.Tensor) -> torch.Tensor:
+        seen.setdefault("generator", input_ids.clone())
+        return original_embed(input_ids)
+
+    model.encoder.embed = record_embed  # type: ignore[method-assign]
+    loss, logs = model(ids, mask, chosen, torch.Generator().manual_seed(2))
+    generator_input, corrupted = seen["generator"], seen["discriminator"]
+    assert torch.equal(generator_input[chosen], torch.full_like(ids[chosen], MASK_ID))
+    assert torch.equal(generator_input[~chosen], ids[~chosen])
+    assert torch.equal(corrupted[~chosen], ids[~chosen])  # nothing outside the chosen positions moves
+    changed = (corrupted != ids).float()
+    assert logs["replaced_share"] == pytest.approx(changed[mask.bool()].mean().item())
+    assert changed.sum() > 0  # an untrained generator almost never guesses the original token
+    assert math.isfinite(loss.item())
+    loss.backward()
+    assert model.rtd_head.weight.grad is not None and model.encoder.tok_emb.weight.grad is not None
+
+
+def test_contrastive_loss_directions() -> None:
+    torch.manual_seed(0)
+    queries, documents = torch.randn(4, 8), torch.randn(6, 8)  # 4 positives, then 2 hard negatives
+    q, d = F.normalize(queries, dim=1), F.normalize(documents, dim=1)
+    scores = q @ d.T / 0.1
+    targets = torch.arange(4)
+    forward = F.cross_entropy(scores, targets)
+    backward = F.cross_entropy(scores[:, :4].T, targets)
+    assert contrastive_loss(queries, documents, 0.1, []).item() == pytest.approx(forward.item(), rel=1e-5)
+    symmetric = contrastive_loss(queries, documents, 0.1, [], symmetric=True)
+    assert symmetric.item() == pytest.approx((forward + backward).item() / 2, rel=1e-5)
+    aligned = contrastive_loss(documents[:4], documents, 0.1, [], symmetric=True)
+    assert aligned < symmetric
+
+
+def test_bm25_negatives_share_words_and_never_repeat_the_positive() -> None:
+    positives = [
+        "a large cat of the savanna",
+        "a small domestic cat",
+        "a tool for cutting wood",
+        "a tool for driving nails",
+        "a sweet baked food",
+        "a bread baked in an oven",
+    ]
+    queries = ["lion cat", "kitten cat", "saw wood tool", "hammer nails tool", "cake baked", "zebra"]
+    given: list[str | None] = [None, None, None, "given negative", None, None]
+    negatives, mined = mine_bm25_negatives(queries, positives, given, seed=0, skip=0, depth=6)
+    assert mined == 4 and negatives[3] == "given negative"
+    assert negatives[5] is None  # no other document shares a word with "zebra"
+    # The only other document sharing a query word: the other cat, the other tool, the other baked food.
+    assert negatives[:3] == ["a small domestic cat", "a large cat of the savanna", "a tool for driving nails"]
+    assert negatives[4] == "a bread baked in an oven"
+
+
+def test_batch_rows_are_distinct_within_a_batch_and_seeded() -> None:
+    rows = [batch_rows(10, 4, seed=3, step=step) for step in range(4)]
+    assert all(len(set(batch)) == 4 for batch in rows)
+    assert set(rows[0]) | set(rows[1]) <= set(range(10)) and not set(rows[0]) & set(rows[1])
+    assert rows == [batch_rows(10, 4, seed=3, step=step) for step in range(4)]
+    assert rows != [batch_rows(10, 4, seed=4, step=step) for step in range(4)]
+
+
+def test_train_loop_follows_schedule_clips_and_stops() -> None:
+    weight = torch.nn.Parameter(torch.tensor([10.0]))
+    optimizer = torch.optim.SGD([weight], lr=0.0)
+    seen_lrs: list[float] = []
+
+    def step_loss(step: int) -> StepResult:
+        seen_lrs.append(optimizer.param_groups[0]["lr"])
+        return StepResult((weight**2).sum() * 100, tokens=3, logs={"part": 1.0})
+
+    loop = TrainLoop("t", [weight], optimizer, Schedule(0.1, 10, None), None, grad_clip=1.0, progress=False)
+    state = loop.run(step_loss, stop_at=4)
+    assert state.step == 4 and not loop.finished()
+    # Clipped to norm 1 each step, so the weight moves by exactly lr per step.
+    assert weight.item() == pytest.approx(10.0 - sum(seen_lrs), rel=1e-5)
+    resumed = TrainLoop(
+        "t", [weight], optimizer, Schedule(0.1, 10, None), None, progress=False,
+        state=LoopState.from_dict(state.to_dict()),
+    )
+    assert resumed.run(step_loss).step == 10 and resumed.finished()
+    assert seen_lrs == [Schedule(0.1, 10, None).lr(step, 0.0) for step in range(10)]
+    assert seen_lrs[0] > 0 and seen_lrs[-1] < seen_lrs[5]
+    assert resumed.summary()["tokens"] == 30
