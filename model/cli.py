@@ -61,6 +61,13 @@ def register(subparsers: Any) -> None:
     wordnet.add_argument("--out", required=True, type=Path, help="output directory")
     wordnet.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"))
     wordnet.set_defaults(handler=run_data_wordnet)
+    debian = data_kinds.add_parser(
+        "debian",
+        help="a second domain: Debian's package descriptions (needs apt-get -o Acquire::Languages=en update)",
+    )
+    debian.add_argument("--out", required=True, type=Path, help="output directory")
+    debian.add_argument("--train-rows", type=int, default=4000, help="classification training rows")
+    debian.set_defaults(handler=run_data_debian)
 
     tokenizer = subparsers.add_parser("tokenizer", help="train a tokenizer")
     tokenizer_kinds = tokenizer.add_subparsers(dest="tokenizer_action", required=True, metavar="ACTION")
@@ -164,6 +171,12 @@ def run_data_wordnet(args: argparse.Namespace) -> dict[str, Any]:
     from model.wordnet import build_wordnet_data
 
     return build_wordnet_data(args.out, args.wordnet_dir)
+
+
+def run_data_debian(args: argparse.Namespace) -> dict[str, Any]:
+    from model.debian_packages import build_debian_data
+
+    return build_debian_data(args.out, train_rows=args.train_rows)
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> dict[str, Any]:
