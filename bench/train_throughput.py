@@ -1,7 +1,7 @@
 """Pretraining throughput and its share of the machine's peak, for each objective, on packed sequences
 as `encoder pretrain` runs them (forward + backward + AdamW step).
 
-    .venv/bin/python bench/train_throughput.py --preset mini --batch-size 64 --seq-len 64 --steps 10 --threads 2
+    .venv/bin/python bench/train_throughput.py --preset mini --batch-size 64 --seq-len 64 --threads 2
 
 The peak is measured, not looked up: the best of several fp32 matrix products (torch.mm, square
 sizes a transformer of this width uses) on the same threads. Model FLOPs per token are counted as
@@ -57,7 +57,9 @@ def tokens_per_second(
 ) -> float:
     torch.manual_seed(0)
     config = preset_config(preset, vocab_size)
-    model: torch.nn.Module = MaskedLMModel(config) if objective == "mlm" else ReplacedTokenDetectionModel(config)
+    model: torch.nn.Module = (
+        MaskedLMModel(config) if objective == "mlm" else ReplacedTokenDetectionModel(config)
+    )
     optimizer = torch.optim.AdamW(optimizer_groups(model, 0.01), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab_size, (batch_size, seq_len), generator=generator)
@@ -82,7 +84,9 @@ def tokens_per_second(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--objectives", default="electra,mlm")
     parser.add_argument("--batch-size", type=int, default=64)
