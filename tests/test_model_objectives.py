@@ -143,3 +143,20 @@ def test_train_loop_follows_schedule_clips_and_stops() -> None:
     assert seen_lrs == [Schedule(0.1, 10, None).lr(step, 0.0) for step in range(10)]
     assert seen_lrs[0] > 0 and seen_lrs[-1] < seen_lrs[5]
     assert resumed.summary()["tokens"] == 30
+
+
+def test_length_chunked_embeddings_equal_one_padded_batch() -> None:
+    from model.data import TokenizedTexts
+    from model.encoder import Encoder, mean_pool
+    from model.finetune import pooled_embeddings
+
+    torch.manual_seed(0)
+    encoder = Encoder(EncoderConfig(**TINY)).eval()
+    lengths = [3, 12, 5, 16, 4, 9, 7, 2, 14, 6, 11, 3, 8, 10, 5, 13, 4, 15, 6, 9]
+    tokens = TokenizedTexts([[2, *torch.randint(5, 300, (n - 2,)).tolist(), 3] for n in lengths])
+    rows = [19, 0, 7, 3, 12, 5, 8, 1, 17, 2, 10, 4, 15, 6, 14, 9, 11, 13, 16, 18]
+    chunked, real = pooled_embeddings(encoder, tokens, rows, torch.device("cpu"))
+    input_ids, attention_mask = tokens.batch(rows)
+    whole = mean_pool(encoder(input_ids, attention_mask), attention_mask)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert real == sum(lengths)
