@@ -7,7 +7,7 @@
 # encoder) -> evaluation of both heads of that one model -> TF-IDF + logistic regression and BM25.
 # Budgets are steps, so a busy machine changes the time taken, not the result. Every knob is an
 # environment variable (the defaults are the CLI's defaults, i.e. the recipe), so an ablation row is
-# one variable changed, e.g.  OBJECTIVE=mlm bench/recipe.sh runs/ablation-mlm
+# one variable changed, e.g.  OBJECTIVE=electra bench/recipe.sh runs/ablation-electra
 # Steps that already have a run.json in OUT are skipped (a killed run resumes). Writes OUT/summary.json.
 set -euo pipefail
 OUT=${1:?usage: bench/recipe.sh OUT [wordnet|debian]}
@@ -17,7 +17,7 @@ SEED=${SEED:-0}
 THREADS=${THREADS:-2}
 VOCAB=${VOCAB:-8192}
 PRESET=${PRESET:-mini}
-OBJECTIVE=${OBJECTIVE:-electra}
+OBJECTIVE=${OBJECTIVE:-mlm}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
 PRETRAIN_FLAGS=${PRETRAIN_FLAGS:-}
 FINETUNE_STEPS=${FINETUNE_STEPS:-600}

@@ -86,15 +86,23 @@ def register(subparsers: Any) -> None:
     _add_common_training(pretrain)
     pretrain.add_argument(
         "--objective",
-        choices=["electra", "mlm"],
-        default="electra",
-        help="replaced-token detection (default: learns from every token) or masked-language modelling",
+        choices=["mlm", "electra"],
+        default="mlm",
+        help="masked-language modelling (default) or replaced-token detection (ELECTRA, for long budgets)",
     )
     pretrain.add_argument(
         "--mask-prob", type=float, help="share of tokens masked (default 0.15 electra, 0.3 mlm)"
     )
     pretrain.add_argument("--position", choices=["learned", "sinusoidal"], default="learned")
-    pretrain.add_argument("--seq-len", type=int, help="packed sequence length (default: max_seq_len, 128)")
+    pretrain.add_argument(
+        "--seq-len", type=int, default=64, help="packed length of the short phase (default 64)"
+    )
+    pretrain.add_argument(
+        "--long-fraction",
+        type=float,
+        default=0.1,
+        help="share of the steps at the full max_seq_len, same tokens per step (default 0.1)",
+    )
     pretrain.add_argument(
         "--checkpoint-every", type=int, default=200, help="steps between resume checkpoints"
     )
@@ -209,6 +217,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         mask_prob=args.mask_prob,
         position=args.position,
         seq_len=args.seq_len,
+        long_fraction=args.long_fraction,
         checkpoint_every=args.checkpoint_every,
         stop_after_steps=args.stop_after_steps,
         resume=args.resume,

@@ -1,10 +1,12 @@
 """Pretraining from scratch, on CPU, one GPU, or several processes under torchrun (DDP).
 
-Two objectives: replaced-token detection (ELECTRA, the default: a learning signal at every token,
-model/electra.py) and masked-language modelling (BERT). Every random choice is a pure function of
-(seed, step): the data order comes from a per-epoch permutation and the masking from a per-step
-generator. A resumed run therefore reproduces the loss curve of an uninterrupted one, and DDP ranks
-split one global batch instead of drawing their own.
+Two objectives: masked-language modelling (BERT, the default) and replaced-token detection (ELECTRA,
+model/electra.py: a learning signal at every token, but on a CPU budget of a few hundred steps its
+discriminator never leaves chance while MLM already pays; see BENCHMARKS.md).
+
+Every random choice is a pure function of (seed, step): the data order comes from a per-epoch
+permutation and the masking from a per-step generator. A resumed run therefore reproduces the loss
+curve of an uninterrupted one, and DDP ranks split one global batch instead of drawing their own.
 """
 
 import json
@@ -61,14 +63,17 @@ class PretrainOptions:
     batch_size: int = 64  # sequences per optimizer step, summed over DDP ranks
     lr: float = 1e-3  # high for BERT, but stable with pre-LN, warmup and clipping on a small model
     weight_decay: float = 0.01
-    objective: Objective = "electra"
+    objective: Objective = "mlm"
     mask_prob: float | None = None  # default per objective: DEFAULT_MASK_PROB
     grad_clip: float = 1.0
     position: PositionKind = "learned"
-    # Packed sequence length (<= max_seq_len). Short packs make attention start out local: at init it
-    # averages over the whole pack, so a 32-token pack gives each masked token mostly its own
-    # sentence as context; on a short CPU budget this escapes the unigram plateau much sooner.
-    seq_len: int | None = None
+    # Sequence-length schedule (BERT's): most steps on short packs of seq_len tokens, the last
+    # long_fraction of them on packs of the full max_seq_len, with the same tokens per step. Short
+    # packs make attention start out local (at init it averages over the whole pack, so a 64-token
+    # pack gives each masked token mostly its own sentence as context) and cost less attention; the
+    # long phase trains the positions a short pack never reaches, which long documents use.
+    seq_len: int = 64
+    long_fraction: float = 0.1
     checkpoint_every: int = 200
     stop_after_steps: int | None = None  # leave the run unfinished (resumable) after this many steps
     resume: bool = False
@@ -133,13 +138,17 @@ def _pretrain(
         raise ModelError(f"batch size {options.batch_size} must be divisible by the {ranks} ranks")
     tokenizer = load_tokenizer(options.tokenizer)
     config = preset_config(options.preset, tokenizer.get_vocab_size(), position=options.position)
-    seq_len = options.seq_len or config.max_seq_len
-    if not 2 <= seq_len <= config.max_seq_len:
-        raise ModelError(
-            f"sequence length must be between 2 and max_seq_len ({config.max_seq_len}), not {seq_len}"
-        )
+    seq_len = min(options.seq_len, config.max_seq_len)
+    if seq_len < 2 or not 0 <= options.long_fraction <= 1:
+        raise ModelError(f"sequence length must be at least 2 (not {seq_len}), long fraction within 0-1")
+    long_batch = max(distributed.world_size, options.batch_size * seq_len // config.max_seq_len)
+    long_batch -= long_batch % distributed.world_size
     mask_prob = options.mask_prob if options.mask_prob is not None else DEFAULT_MASK_PROB[options.objective]
-    sequences = pack_corpus(tokenizer, read_text_lines(options.corpus), seq_len)
+    lines = read_text_lines(options.corpus)
+    sequences = pack_corpus(tokenizer, lines, seq_len)
+    long_sequences = sequences
+    if seq_len < config.max_seq_len:
+        long_sequences = pack_corpus(tokenizer, lines, config.max_seq_len)
     torch.manual_seed(options.seed)
     model = build_pretrain_model(config, options.objective)
     model.init_bias_from_frequencies(sequences)
@@ -165,7 +174,11 @@ def _pretrain(
     rank_rows = slice(distributed.rank, None, distributed.world_size)
 
     def step_loss(step: int) -> StepResult:
-        rows = sequences[batch_rows(len(sequences), options.batch_size, options.seed, step)]
+        progress = loop.schedule.progress(step, loop.schedule.time_fraction(loop.state.train_seconds))
+        if progress >= 1 - options.long_fraction:
+            rows = long_sequences[batch_rows(len(long_sequences), long_batch, options.seed, step)]
+        else:
+            rows = sequences[batch_rows(len(sequences), options.batch_size, options.seed, step)]
         generator = _masking_generator(options.seed, step)
         if options.objective == "mlm":
             inputs, labels = mask_tokens(rows, config.vocab_size, mask_prob, generator)
@@ -231,6 +244,7 @@ def _pretrain(
         "device": device.type,
         "corpus_sequences": len(sequences),
         "seq_len": seq_len,
+        "long_fraction": options.long_fraction,
         "mask_prob": mask_prob,
     }
     if metrics is not None:

@@ -58,11 +58,16 @@ class Schedule:
     def done(self, step: int, time_fraction: float) -> bool:
         return (self.max_steps is not None and step >= self.max_steps) or time_fraction >= 1.0
 
+    def progress(self, step: int, time_fraction: float) -> float:
+        """The share of the schedule done before this step: by steps, by time, whichever is further."""
+        steps = self.max_steps or 0
+        return max(step / steps if steps else 0.0, time_fraction)
+
     def lr(self, step: int, time_fraction: float) -> float:
         """Progress is the larger of the step fraction and the time fraction; warmup uses the progress
         after this step, so the first step does not run at a learning rate of zero."""
         steps = self.max_steps or 0
-        progress = max(step / steps if steps else 0.0, time_fraction)
+        progress = self.progress(step, time_fraction)
         progress_after = max((step + 1) / steps if steps else 0.0, time_fraction, 1e-3)
         warmup = progress_after / self.warmup_fraction
         decay = (1 - progress) / (1 - self.warmup_fraction)

@@ -88,8 +88,8 @@ def test_mlm_objective_learns_from_context(
     corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, capsys: Capture
 ) -> None:
     result = encoder(
-        f"pretrain --tokenizer {tokenizer} --corpus {corpus['text']} --out {tmp_path} --objective mlm "
-        "--max-steps 60 --lr 3e-3 " + TINY_TRAINING,
+        f"pretrain --tokenizer {tokenizer} --corpus {corpus['text']} --out {tmp_path} "
+        "--max-steps 60 --lr 3e-3 " + TINY_TRAINING + " --batch-size 16",
         capsys,
     )
     assert result["objective"] == "mlm" and result["mask_prob"] == 0.3
@@ -104,7 +104,7 @@ def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, ca
     root, pre, embed, classify = corpus["root"], tmp_path / "pre", tmp_path / "embed", tmp_path / "classify"
     result = encoder(
         f"pretrain --tokenizer {tokenizer} --corpus {corpus['text']} --out {pre} --max-steps 60 --lr 3e-3 "
-        + TINY_TRAINING,
+        "--objective electra " + TINY_TRAINING,
         capsys,
     )
     assert result["steps"] == 60 and result["finished"] and result["objective"] == "electra"
