@@ -124,6 +124,17 @@ def register(subparsers: Any) -> None:
     classify.add_argument("--multi-label", action="store_true", help='rows carry "labels": [str]')
     classify.add_argument("--freeze-encoder", action="store_true", help="train the head only")
     classify.add_argument(
+        "--head-epochs",
+        type=float,
+        default=5.0,
+        help="then fit the heads on the frozen encoder's features of every training row (0: skip)",
+    )
+    classify.add_argument(
+        "--lexical-buckets",
+        type=int,
+        help="hashed-bigram buckets of the lexical head (default: sized to the data; 0: no lexical head)",
+    )
+    classify.add_argument(
         "--pairs",
         type=Path,
         help='multi-task: also train the embedding on these JSON lines {"query", "positive"}, so one '
@@ -244,6 +255,8 @@ def run_finetune_classify(args: argparse.Namespace) -> dict[str, Any]:
         multi_label=args.multi_label,
         freeze_encoder=args.freeze_encoder,
         pairs=args.pairs,
+        head_epochs=args.head_epochs,
+        lexical_buckets=args.lexical_buckets,
         seed=args.seed,
         device=args.device,
         threads=args.threads,

@@ -182,13 +182,45 @@ class MaskedLMModel(nn.Module):
         return F.cross_entropy(logits.float(), labels[selected])
 
 
-class InferenceModule(nn.Module):
-    """The exported graph: ids and mask in, pooled embedding (and logits) out; pooling happens inside."""
+class LexicalHead(nn.Module):
+    """The wide half of a wide-and-deep classifier (Cheng et al. 2016): a learned vector for every token
+    and every hashed token bigram of the input, averaged over the text and projected to the class
+    logits (fastText, Joulin et al. 2017). It adds exact-word evidence, which a small encoder trained
+    for minutes compresses away, and costs one table lookup at serving time.
 
-    def __init__(self, encoder: Encoder, classifier: nn.Linear | None) -> None:
+    Bigram (a, b) of the ids uses row vocab_size + (a * 1_000_003 + b) mod buckets of the same table.
+    """
+
+    def __init__(self, vocab_size: int, buckets: int, dim: int, n_labels: int) -> None:
+        super().__init__()
+        self.vocab_size, self.buckets = vocab_size, buckets
+        self.table = nn.Embedding(vocab_size + buckets, dim)
+        self.out = nn.Linear(dim, n_labels)
+        nn.init.normal_(self.table.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.float()  # (B, T)
+        pair_mask = mask[:, :-1] * mask[:, 1:]  # (B, T - 1): both tokens real
+        bigrams = self.vocab_size + (input_ids[:, :-1] * 1_000_003 + input_ids[:, 1:]) % self.buckets
+        total = (self.table(input_ids) * mask.unsqueeze(-1)).sum(dim=1)
+        total = total + (self.table(bigrams) * pair_mask.unsqueeze(-1)).sum(dim=1)  # (B, dim)
+        count = (mask.sum(dim=1) + pair_mask.sum(dim=1)).clamp(min=1.0).unsqueeze(-1)
+        return self.out(total / count)
+
+
+class InferenceModule(nn.Module):
+    """The exported graph: ids and mask in, pooled embedding (and logits) out; pooling happens inside.
+
+    The logits are the linear head on the pooled embedding, plus the lexical head's when there is one."""
+
+    def __init__(
+        self, encoder: Encoder, classifier: nn.Linear | None, lexical: LexicalHead | None = None
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.classifier = classifier
+        self.lexical = lexical
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -197,7 +229,10 @@ class InferenceModule(nn.Module):
         embedding = mean_pool(hidden, attention_mask).float()
         if self.classifier is None:
             return (embedding,)
-        return embedding, self.classifier(embedding)
+        logits = self.classifier(embedding)
+        if self.lexical is not None:
+            logits = logits + self.lexical(input_ids, attention_mask)
+        return embedding, logits
 
 
 def optimizer_groups(module: nn.Module, weight_decay: float) -> list[dict[str, object]]:

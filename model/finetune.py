@@ -10,6 +10,7 @@ TrainLoop of model/training.py; they differ only in the loss of a step:
   hard negatives (given in the data or mined with BM25), both directions (symmetric).
 """
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.data import DataError, TokenizedTexts, read_jsonl, read_text_lines
-from model.encoder import Encoder, InferenceModule, mean_pool, optimizer_groups, set_dropout
+from model.encoder import Encoder, InferenceModule, LexicalHead, mean_pool, optimizer_groups, set_dropout
 from model.errors import ModelError
 from model.evaluate import infer, read_classification_rows, score_classifier
 from model.negatives import mine_bm25_negatives
@@ -44,6 +45,14 @@ class ClassifyOptions:
     pairs: Path | None = None
     pair_batch_size: int = 64
     temperature: float = 0.05
+    # After the fine-tune, the heads are fitted again on the frozen encoder's features of *every*
+    # training row (cheap: one inference pass, then a linear model), for head_epochs; a fine-tune on a
+    # CPU budget sees only a fraction of a large training set. 0 skips it.
+    head_epochs: float = 5.0
+    # The lexical (wide) head: hashed-bigram buckets (None: sized to the training data's distinct
+    # bigrams, at most MAX_LEXICAL_BUCKETS; 0: no lexical head) and the width of its vectors.
+    lexical_buckets: int | None = None
+    lexical_dim: int = 32
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -247,15 +256,19 @@ def _train(
     options: ClassifyOptions | EmbedOptions,
     peak_lr: float,
     started: float,
+    metrics_file: str = METRICS_FILE,
+    use_budget: bool = True,
 ) -> dict[str, Any]:
     """AdamW with warmup + linear decay and clipping, over the planned epochs, cut to max_steps and to
-    the wall-clock budget (whichever runs out first)."""
-    max_steps = planned_steps if options.max_steps is None else min(planned_steps, options.max_steps)
+    the wall-clock budget (whichever runs out first), unless use_budget is off (the head fit)."""
+    max_steps = planned_steps
     budget_seconds = None
-    if options.budget_minutes is not None:
+    if use_budget and options.max_steps is not None:
+        max_steps = min(planned_steps, options.max_steps)
+    if use_budget and options.budget_minutes is not None:
         budget_seconds = options.budget_minutes * 60 * 0.95 - (time.perf_counter() - started)
     options.out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(options.out / METRICS_FILE)
+    metrics = MetricsLog(options.out / metrics_file)
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(optimizer_groups(module, weight_decay=0.01), lr=peak_lr)
     loop = TrainLoop(
@@ -266,6 +279,61 @@ def _train(
     metrics.close()
     summary = loop.summary()
     summary.update(planned_steps=max_steps, seed=options.seed, budget_minutes=options.budget_minutes)
+    return summary
+
+
+MAX_LEXICAL_BUCKETS = 65536
+
+
+def lexical_buckets(tokens: TokenizedTexts) -> int:
+    """Hash buckets for the training texts' bigrams: the power of two at or above their number of
+    distinct bigrams (few collisions), between 1024 and MAX_LEXICAL_BUCKETS (a bounded table)."""
+    distinct = {(a, b) for ids in tokens.ids for a, b in itertools.pairwise(ids)}
+    return min(MAX_LEXICAL_BUCKETS, max(1024, 1 << max(0, len(distinct) - 1).bit_length()))
+
+
+def _fit_heads(
+    module: InferenceModule,
+    task: ClassificationTask,
+    tokenizer: Any,
+    texts: list[str],
+    epochs: float,
+    options: ClassifyOptions,
+    started: float,
+) -> dict[str, Any]:
+    """Fit the linear head (and the lexical head) on the frozen encoder's pooled features of every row.
+
+    The features are computed once. Pooled embeddings share a large common direction, so the linear
+    head trains on standardised features (much better conditioned) and the standardisation is folded
+    into its weights afterwards."""
+    assert module.classifier is not None
+    classifier, lexical, device = module.classifier, module.lexical, task.device
+    module.encoder.requires_grad_(False)
+    features = infer(InferenceModule(module.encoder, None), tokenizer, texts, device, desc="features")[0]
+    feature_mean, feature_std = features.mean(dim=0), features.std(dim=0) + 1e-6
+    features = ((features - feature_mean) / feature_std).to(device)
+    batch_size = 256
+    heads = nn.ModuleList([classifier] if lexical is None else [classifier, lexical])
+
+    def step_loss(step: int) -> StepResult:
+        rows = batch_rows(len(texts), batch_size, options.seed, step)
+        logits = classifier(features[rows])
+        if lexical is None:
+            return StepResult(task.head_loss(logits, rows))
+        input_ids, attention_mask = task.tokens.batch(rows)
+        logits = logits + lexical(input_ids.to(device), attention_mask.to(device))
+        return StepResult(task.head_loss(logits, rows), int(attention_mask.sum()))
+
+    planned = math.ceil(epochs * max(1, len(texts) // batch_size))
+    peak_lr = DEFAULT_HEAD_LR if not options.freeze_encoder else options.lr or DEFAULT_HEAD_LR
+    summary = _train(
+        "fit heads", heads, step_loss, planned, options, peak_lr, started,
+        metrics_file="metrics.heads.jsonl", use_budget=options.freeze_encoder,
+    )
+    with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
+        classifier.weight.div_(feature_std.to(device))
+        classifier.bias.sub_(classifier.weight @ feature_mean.to(device))
+    module.encoder.requires_grad_(True)
     return summary
 
 
@@ -290,35 +358,21 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
     nn.init.normal_(classifier.weight, std=0.02)
     nn.init.zeros_(classifier.bias)
     module = InferenceModule(encoder, classifier)
-
-    batch_size = options.batch_size or (256 if options.freeze_encoder else 32)
-    epochs = options.epochs or (10.0 if options.freeze_encoder else 3.0)
-    planned = math.ceil(epochs * max(1, len(texts) // batch_size))
+    batch_size = options.batch_size or 32
     task = ClassificationTask(
         texts, target_tensor, options.multi_label, tokenizer, module, device, batch_size, options.seed
     )
-    pair_task = None
-    if options.freeze_encoder:
-        # The encoder never changes, so its pooled outputs are computed once and the head trains on them.
-        encoder.requires_grad_(False)
-        features = infer(InferenceModule(encoder, None), tokenizer, texts, device, desc="features")[0]
-        # Pooled embeddings share a large common direction; the head trains on standardised features
-        # (much better conditioned) and the standardisation is folded into its weights afterwards.
-        feature_mean, feature_std = features.mean(dim=0), features.std(dim=0) + 1e-6
-        features = ((features - feature_mean) / feature_std).to(device)
-
-        def step_loss(step: int) -> StepResult:
-            rows = batch_rows(len(texts), batch_size, options.seed, step)
-            return StepResult(task.head_loss(classifier(features[rows]), rows))
-
-        peak_lr = options.lr or DEFAULT_HEAD_LR
-    else:
+    summary: dict[str, Any] = {"examples": len(texts), "multitask_pairs": 0}
+    if not options.freeze_encoder:
+        # Phase 1: the encoder and the linear head (and the pairs' contrastive loss) together.
         module.train()
+        pair_task = None
         if options.pairs is not None:
             pair_task = ContrastiveTask(
                 read_pairs(options.pairs), tokenizer, encoder, device, options.pair_batch_size,
                 options.temperature, options.seed, symmetric=True, dims=run.matryoshka_dims,
             )
+            summary["multitask_pairs"] = len(pair_task)
 
         def step_loss(step: int) -> StepResult:
             result = task.loss(step)
@@ -328,16 +382,25 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
             logs = {"classify_loss": result.loss.item(), "contrastive_loss": pairs.loss.item()}
             return StepResult(result.loss + pairs.loss, result.tokens + pairs.tokens, logs)
 
+        planned = math.ceil((options.epochs or 3.0) * max(1, len(texts) // batch_size))
         peak_lr = options.lr or DEFAULT_CLASSIFY_LR
-    summary = _train("finetune classify", module, step_loss, planned, options, peak_lr, started)
+        summary["finetune"] = _train(
+            "finetune classify", module, step_loss, planned, options, peak_lr, started
+        )
+    head_epochs = (options.epochs or 10.0) if options.freeze_encoder else options.head_epochs
+    if head_epochs > 0:
+        # Phase 2 (alone with freeze_encoder): the heads on every training row of the frozen encoder.
+        buckets = lexical_buckets(task.tokens) if options.lexical_buckets is None else options.lexical_buckets
+        if buckets > 0:
+            module.lexical = LexicalHead(run.config.vocab_size, buckets, options.lexical_dim, len(labels))
+            module.lexical.to(device)
+        summary["heads"] = _fit_heads(module, task, tokenizer, texts, head_epochs, options, started)
     summary.update(
-        kind="classify", freeze_encoder=options.freeze_encoder, examples=len(texts),
-        multitask_pairs=len(pair_task) if pair_task else 0,
+        summary.get("finetune") or summary["heads"],
+        kind="classify",
+        freeze_encoder=options.freeze_encoder,
+        lexical_buckets=module.lexical.buckets if module.lexical is not None else 0,
     )
-    if options.freeze_encoder:
-        with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
-            classifier.weight.div_(feature_std.to(device))
-            classifier.bias.sub_(classifier.weight @ feature_mean.to(device))
     if options.eval is not None:
         eval_texts, eval_targets = read_classification_rows(options.eval, options.multi_label)
         for number, target in enumerate(eval_targets, start=1):
@@ -349,6 +412,8 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
         )
     weights = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     weights.update({f"classifier.{k}": v for k, v in classifier.state_dict().items()})
+    if module.lexical is not None:
+        weights.update({f"lexical.{k}": v for k, v in module.lexical.state_dict().items()})
     # An embed init (or multi-task pairs) keeps embedding behaviour, so one bundle serves /embed and
     # /classify: the vectors are then normalised as an embed run's are.
     save_run(
@@ -359,7 +424,7 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
         tokenizer_path=run.tokenizer_path,
         labels=labels,
         multi_label=options.multi_label,
-        normalize=run.normalize or pair_task is not None,
+        normalize=run.normalize or options.pairs is not None,
         matryoshka_dims=run.matryoshka_dims,
         summary={**summary, "init": run.summary},
         parent=run.path,

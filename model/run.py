@@ -1,7 +1,8 @@
 """RUN directories: the output of every training step and the only thing export/ reads from model/.
 
 <run>/
-  model.safetensors   weights: "encoder.*", plus "classifier.*" (classify runs) or "mlm_*" (pretrain runs)
+  model.safetensors   weights: "encoder.*", plus "classifier.*" and optionally "lexical.*" (classify
+                      runs) or the pretraining heads (pretrain runs)
   config.json         EncoderConfig as a dict + architecture name and parameter count
   tokenizer.json      copied in, so a run is self-contained
   run.json            kind, labels, embedding spec, training/eval summary, parent run
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.config import EncoderConfig
-from model.encoder import Encoder, InferenceModule
+from model.encoder import Encoder, InferenceModule, LexicalHead
 from model.errors import ModelError
 
 RUN_KINDS = ("pretrain", "embed", "classify")
@@ -75,18 +76,32 @@ class LoadedRun:
             ) from None
         return classifier
 
+    def build_lexical(self) -> LexicalHead | None:
+        """The lexical (wide) head of a classify run that has one ("lexical.*" weights)."""
+        table = self.weights.get("lexical.table.weight")
+        if table is None or not self.labels:
+            return None
+        buckets, dim = table.shape[0] - self.config.vocab_size, table.shape[1]
+        lexical = LexicalHead(self.config.vocab_size, buckets, dim, len(self.labels))
+        try:
+            lexical.load_state_dict(_prefixed(self.weights, "lexical."))
+        except RuntimeError as exc:
+            message = f"{self.path / WEIGHTS_FILE}: lexical head does not match labels ({exc})"
+            raise ModelError(message) from None
+        return lexical
+
     def inference_module(self) -> torch.nn.Module:
         """eval-mode module: (input_ids, attention_mask) -> (embedding,) or (embedding, logits).
 
         embedding (B, n_embd) float32, masked-mean pooled, not normalised; logits raw, only when
         the run has a classifier head; finite for rows whose attention_mask is all zeros.
         """
-        return InferenceModule(self.build_encoder(), self.build_classifier()).eval()
+        return InferenceModule(self.build_encoder(), self.build_classifier(), self.build_lexical()).eval()
 
 
 def parameter_count(weights: dict[str, torch.Tensor]) -> int:
-    """Parameters of the inference graph (encoder + classifier); the MLM head is not exported."""
-    return sum(t.numel() for k, t in weights.items() if k.startswith(("encoder.", "classifier.")))
+    """Parameters of the inference graph (encoder + heads); the pretraining heads are not exported."""
+    return sum(t.numel() for k, t in weights.items() if k.startswith(("encoder.", "classifier.", "lexical.")))
 
 
 def save_run(

@@ -160,3 +160,19 @@ def test_length_chunked_embeddings_equal_one_padded_batch() -> None:
     whole = mean_pool(encoder(input_ids, attention_mask), attention_mask)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
     assert real == sum(lengths)
+
+
+def test_lexical_head_counts_words_and_bigrams_and_ignores_padding() -> None:
+    from model.encoder import LexicalHead
+
+    torch.manual_seed(0)
+    head = LexicalHead(vocab_size=50, buckets=64, dim=4, n_labels=3)
+    ids = torch.tensor([[2, 7, 9, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    table = head.table.weight
+    bigrams = [50 + (a * 1_000_003 + b) % 64 for a, b in ((2, 7), (7, 9), (9, 3))]
+    expected = head.out((table[[2, 7, 9, 3]].sum(0) + table[bigrams].sum(0)) / 7)
+    torch.testing.assert_close(head(ids, mask)[0], expected)
+    # The same text without padding, or padded with other ids, scores the same: served batches pad.
+    torch.testing.assert_close(head(ids[:, :4], mask[:, :4]), head(ids, mask))
+    torch.testing.assert_close(head(torch.tensor([[2, 7, 9, 3, 44, 45]]), mask), head(ids, mask))
