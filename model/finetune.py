@@ -439,20 +439,25 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
         raise ModelError(f"matryoshka dims must be smaller than the model's dim {run.config.n_embd}")
     tokenizer = load_tokenizer(run.tokenizer_path)
     pairs = read_pairs(options.train, options.limit)
+    batch_size = options.batch_size or 64
+    planned = math.ceil(options.epochs * max(1, len(pairs.queries) // batch_size))
     mined = 0
     if options.mine_negatives and not pairs.simcse:
-        negatives, mined = mine_bm25_negatives(pairs.queries, pairs.positives, pairs.negatives, options.seed)
+        steps = planned if options.max_steps is None else min(planned, options.max_steps)
+        rows = len(pairs.queries)
+        visited = {row for step in range(steps) for row in batch_rows(rows, batch_size, options.seed, step)}
+        negatives, mined = mine_bm25_negatives(
+            pairs.queries, pairs.positives, pairs.negatives, options.seed, rows=visited
+        )
         pairs = Pairs(pairs.queries, pairs.positives, negatives, simcse=False)
     encoder: Encoder = run.build_encoder().to(device)
     dropout = options.dropout if options.dropout is not None else (0.1 if pairs.simcse else 0.0)
     set_dropout(encoder, dropout)
     encoder.train()
-    batch_size = options.batch_size or 64
     task = ContrastiveTask(
         pairs, tokenizer, encoder, device, batch_size, options.temperature, options.seed,
         symmetric=options.symmetric and not pairs.simcse, dims=dims,
     )
-    planned = math.ceil(options.epochs * max(1, len(task) // batch_size))
     summary = _train(
         "finetune embed", encoder, task.loss, planned, options, options.lr or DEFAULT_EMBED_LR, started
     )

@@ -18,14 +18,18 @@ def mine_bm25_negatives(
     seed: int,
     skip: int = 2,
     depth: int = 20,
+    rows: set[int] | None = None,
 ) -> tuple[list[str | None], int]:
-    """Fill every missing negative with a BM25 hit for its query among all the positives.
+    """Fill missing negatives with a BM25 hit for the query among all the positives: for every row, or
+    only for `rows` (the ones training will visit: scoring a query costs a pass over the documents).
 
     -> (negatives, how many were mined). A query with no other document sharing a word keeps None."""
     documents = list(dict.fromkeys(positives))  # distinct documents, first-seen order
     index = bm25s.BM25()
     index.index(bm25s.tokenize(documents, stopwords="en", show_progress=False), show_progress=False)
-    wanted = [row for row, negative in enumerate(negatives) if negative is None]
+    wanted = [
+        row for row, negative in enumerate(negatives) if negative is None and (rows is None or row in rows)
+    ]
     if not wanted:
         return negatives, 0
     k = min(depth, len(documents))

@@ -111,6 +111,8 @@ def test_bm25_negatives_share_words_and_never_repeat_the_positive() -> None:
     # The only other document sharing a query word: the other cat, the other tool, the other baked food.
     assert negatives[:3] == ["a small domestic cat", "a large cat of the savanna", "a tool for driving nails"]
     assert negatives[4] == "a bread baked in an oven"
+    only_first, mined = mine_bm25_negatives(queries, positives, given, seed=0, skip=0, depth=6, rows={0})
+    assert mined == 1 and only_first[0] == "a small domestic cat" and only_first[1:] == given[1:]
 
 
 def test_batch_rows_are_distinct_within_a_batch_and_seeded() -> None:
