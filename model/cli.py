@@ -120,9 +120,13 @@ def register(subparsers: Any) -> None:
     classify.add_argument("--train", required=True, type=Path, help='JSON lines {"text", "label"|"labels"}')
     classify.add_argument("--eval", type=Path, help="JSON lines evaluated at the end (into run.json)")
     classify.add_argument("--out", required=True, type=Path, help="RUN directory")
-    classify.add_argument("--epochs", type=_positive_float, help="default 3 (10 with --freeze-encoder)")
+    classify.add_argument(
+        "--epochs", type=_positive_float, help="default 3 (with --freeze-encoder: --head-epochs)"
+    )
     classify.add_argument("--multi-label", action="store_true", help='rows carry "labels": [str]')
-    classify.add_argument("--freeze-encoder", action="store_true", help="train the head only")
+    classify.add_argument(
+        "--freeze-encoder", action="store_true", help="fit the heads only; the encoder (/embed) is unchanged"
+    )
     classify.add_argument(
         "--head-epochs",
         type=float,

@@ -37,7 +37,7 @@ class ClassifyOptions:
     train: Path
     out: Path
     eval: Path | None = None
-    epochs: float | None = None  # default 3, or 10 with freeze_encoder (a linear head on fixed features)
+    epochs: float | None = None  # default 3, or head_epochs with freeze_encoder (heads on fixed features)
     multi_label: bool = False
     freeze_encoder: bool = False
     # Multi-task: also train the contrastive loss on these pairs, so the one encoder keeps serving
@@ -387,7 +387,7 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
         summary["finetune"] = _train(
             "finetune classify", module, step_loss, planned, options, peak_lr, started
         )
-    head_epochs = (options.epochs or 10.0) if options.freeze_encoder else options.head_epochs
+    head_epochs = (options.epochs or options.head_epochs) if options.freeze_encoder else options.head_epochs
     if head_epochs > 0:
         # Phase 2 (alone with freeze_encoder): the heads on every training row of the frozen encoder.
         buckets = lexical_buckets(task.tokens) if options.lexical_buckets is None else options.lexical_buckets
