@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
 # Runtime images of the encoder service. Neither contains torch: they install the project's base
-# dependencies plus the `gpu` or `cpu` extra (pyproject.toml) and nothing from `train`.
+# dependencies plus the `gpu` or `cpu` extra (pyproject.toml) and nothing from `train`, at the exact
+# versions and hashes of the lock files requirements/gpu.txt and cpu.txt (`make lock` refreshes them).
 #
 #   docker build --target gpu -t encoder-service:gpu .   # CUDA 12 + cuDNN 9 + onnxruntime-gpu
 #   docker build --target cpu -t encoder-service:cpu .   # python:3.11-slim + onnxruntime
@@ -33,11 +34,17 @@ ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-COPY --from=wheel /wheels /wheels
-# The find_spec check fails the build if any dependency ever drags torch in.
+# Dependencies first, in a layer of their own: a change to the code alone does not reinstall them.
+COPY requirements/gpu.txt /tmp/requirements.txt
 RUN python3 -m venv "$VIRTUAL_ENV" \
-    && pip install --no-cache-dir "$(ls /wheels/encoder_service-*.whl)[gpu]" \
+    && pip install --no-cache-dir --no-deps --require-hashes -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+COPY --from=wheel /wheels /wheels
+# pip check fails the build if the lock file misses a dependency of the project; the find_spec check
+# fails it if any dependency ever drags torch in.
+RUN pip install --no-cache-dir --no-deps /wheels/encoder_service-*.whl \
     && rm -rf /wheels \
+    && pip check \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
     && encoder serve --help > /dev/null
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin encoder \
@@ -61,10 +68,14 @@ ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-COPY --from=wheel /wheels /wheels
+COPY requirements/cpu.txt /tmp/requirements.txt
 RUN python -m venv "$VIRTUAL_ENV" \
-    && pip install --no-cache-dir "$(ls /wheels/encoder_service-*.whl)[cpu]" \
+    && pip install --no-cache-dir --no-deps --require-hashes -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+COPY --from=wheel /wheels /wheels
+RUN pip install --no-cache-dir --no-deps /wheels/encoder_service-*.whl \
     && rm -rf /wheels \
+    && pip check \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
     && encoder serve --help > /dev/null
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin encoder \

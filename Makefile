@@ -8,16 +8,37 @@ PORT ?= 8000
 # The CPU build of torch must be installed before the project: a bare `torch` requirement would
 # otherwise pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
+# Every other package comes from the lock files (exact versions and hashes; `make lock` refreshes
+# them): requirements/dev.txt for this venv, cpu.txt and gpu.txt for the images (Dockerfile).
+LOCK_DEV := requirements/dev.txt
 APT_PACKAGES := wordnet-base prometheus nginx docker-compose
 
-.PHONY: serve test model lint bench system-deps clean
+.PHONY: serve test model lint bench system-deps clean lock
 
-$(BIN)/encoder: pyproject.toml
+$(BIN)/encoder: pyproject.toml $(LOCK_DEV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_CPU)
-	$(BIN)/pip install -q -e '.[train,cpu,hf,dev]'
+	$(BIN)/pip install -q --no-deps $(TORCH_CPU)
+	$(BIN)/pip install -q --no-deps --require-hashes -r $(LOCK_DEV)
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
 	touch $@
+
+# Refresh the lock files after changing a dependency in pyproject.toml; `make lock UPGRADE=1` also
+# moves every package to its newest release. Resolved for Linux x86_64: dev.txt for Python 3.11, with
+# torch's CPU build from $(TORCH_WHEELS) resolved but left out; cpu.txt and gpu.txt for any Python
+# from 3.11 (the cpu image's 3.11, Ubuntu 24.04's 3.12 in the gpu image), at dev.txt's versions
+# wherever they share a package, so that the images run what the tests ran.
+TORCH_WHEELS ?= /opt/wheels
+LOCK = $(BIN)/uv pip compile pyproject.toml --quiet --generate-hashes --custom-compile-command 'make lock' \
+	$(if $(UPGRADE),--upgrade)
+lock: $(BIN)/encoder
+	echo '$(TORCH_CPU)+cpu' > $(VENV)/torch-constraint.txt
+	$(LOCK) --extra train --extra cpu --extra hf --extra dev --no-emit-package torch \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--find-links $(TORCH_WHEELS) --constraint $(VENV)/torch-constraint.txt --output-file $(LOCK_DEV)
+	$(LOCK) --extra cpu --universal --python-version 3.11 --constraint $(LOCK_DEV) --output-file requirements/cpu.txt
+	$(LOCK) --extra gpu --universal --python-version 3.11 --constraint $(LOCK_DEV) --output-file requirements/gpu.txt
 
 # Debian packages used by the demo data and the end-to-end tests (real Prometheus, nginx).
 system-deps:
