@@ -12,6 +12,10 @@ TORCH_CPU := torch==2.13.0
 # them): requirements/dev.txt for this venv, cpu.txt and gpu.txt for the images (Dockerfile).
 LOCK_DEV := requirements/dev.txt
 APT_PACKAGES := wordnet-base prometheus nginx docker-compose
+# The container tests: podman with runc (crun fails on these machines), catatonit for `init: true`,
+# netavark and aardvark-dns for compose networks, debootstrap for stand-in base images. Installed
+# without recommends, which would bring crun, buildah and fuse-overlayfs.
+APT_CONTAINER_PACKAGES := podman runc catatonit netavark aardvark-dns debootstrap
 
 .PHONY: serve test model lint bench system-deps clean lock
 
@@ -42,11 +46,15 @@ lock: $(BIN)/encoder
 
 # Debian packages used by the demo data and the end-to-end tests (real Prometheus, nginx).
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:$$missing"; \
+	@missing() { for p in "$$@"; do dpkg -s $$p >/dev/null 2>&1 || printf ' %s' $$p; done; }; \
+	base=$$(missing $(APT_PACKAGES)); containers=$$(missing $(APT_CONTAINER_PACKAGES)); \
+	if [ -n "$$base$$containers" ]; then \
+		echo "installing Debian packages:$$base$$containers"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get update -qq \
+		&& { [ -z "$$base" ] || $$SUDO apt-get install -y -qq $$base; } \
+		&& { [ -z "$$containers" ] || $$SUDO apt-get install -y -qq --no-install-recommends $$containers; }; \
 	fi
 
 test: $(BIN)/encoder system-deps
@@ -56,7 +64,7 @@ test: $(BIN)/encoder system-deps
 # Docker cannot build on the development machine: the deployment files are kept correct by their linters.
 lint: $(BIN)/encoder system-deps
 	$(BIN)/ruff check .
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile deploy/model.Dockerfile tests/podman/prometheus.Containerfile
 	for profile in gpu cpu scale; do docker-compose --profile $$profile config --quiet || exit 1; done
 	promtool check config deploy/prometheus.yml
 

@@ -71,7 +71,12 @@ def exposed_metric_names() -> set[str]:
 
 
 def test_hadolint_passes() -> None:
-    run_tool(system_tool("hadolint"), "Dockerfile")
+    run_tool(
+        system_tool("hadolint"),
+        "Dockerfile",
+        "deploy/model.Dockerfile",
+        "tests/podman/prometheus.Containerfile",
+    )
 
 
 @pytest.mark.parametrize("profile", PROFILES)
