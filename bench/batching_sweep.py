@@ -11,14 +11,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
+from loadgen import run_load
 
-from loadgen import run_load  # noqa: E402
-from service_process import ServiceProcess  # noqa: E402
+from service.process import ServiceProcess
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_configs(text: str) -> dict[str, dict[str, str]]:

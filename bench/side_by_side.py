@@ -20,23 +20,20 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import httpx
+from loadgen import LoadResult, make_texts, run_load
+
+from bundle.contract import pad_to_longest
+from service.bundle_loader import LoadedModel, load_model
+from service.process import ServiceProcess
+from service.runtime import default_intra_op_threads
+from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
-
-from loadgen import LoadResult, make_texts, run_load  # noqa: E402
-from service_process import ServiceProcess  # noqa: E402
-
-from service.batcher import pad_batch  # noqa: E402
-from service.bundle_loader import LoadedModel, load_model  # noqa: E402
-from service.runtime import default_intra_op_threads  # noqa: E402
-from service.settings import Settings  # noqa: E402
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -72,7 +69,7 @@ def best_configuration(
 
 
 def run_texts(model: LoadedModel, texts: list[str], pad_id: int) -> None:
-    input_ids, attention_mask = pad_batch(model.tokenizer.encode(texts).token_ids, pad_id)
+    input_ids, attention_mask = pad_to_longest(model.tokenizer.encode(texts).token_ids, pad_id)
     model.runtime.run(input_ids, attention_mask)
 
 

@@ -1,5 +1,6 @@
-"""The model bundle contract (DESIGN.md §2): one pydantic schema shared by the writer (export/)
-and the reader (service/). Importable without torch or onnxruntime."""
+"""The model bundle contract (docs/architecture.md, "Bundle format"): one pydantic schema shared by the
+writer (export/) and the reader (service/), and the graph contract (bundle/contract.py). Importable
+without torch or onnxruntime."""
 
 from bundle.manifest import (
     FORMAT_VERSION,

@@ -1,4 +1,5 @@
-"""Build a model bundle (DESIGN.md §2) from an exportable source, all gates first, then one rename.
+"""Build a model bundle (docs/architecture.md, "Bundle format") from an exportable source, all gates
+first, then one rename.
 
 The bundle is assembled in a temporary directory next to the destination; only when every variant
 has passed its parity gate are the manifest and checksums written and the directory renamed into
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from bundle.contract import TOKENIZER_FILE
 from bundle.manifest import (
-    TOKENIZER_FILE,
     VARIANT_FILES,
     Architecture,
     ClassifierSpec,

@@ -1,4 +1,4 @@
-"""Torch module -> ONNX graph with the bundle's interface (DESIGN.md §2).
+"""Torch module -> ONNX graph with the bundle's interface (bundle/contract.py).
 
 Inputs `input_ids` and `attention_mask` (int64, [batch, sequence], both symbolic); outputs
 `embedding` and, when the module returns two tensors, `logits`. Uses the dynamo exporter
@@ -15,9 +15,9 @@ import onnx
 import onnx_ir
 import torch
 
+from bundle.contract import INPUT_NAMES, OUTPUT_NAMES
 from export.errors import ExportError
 
-INPUT_NAMES = ("input_ids", "attention_mask")
 OPSET = 18
 # onnx refuses protobufs over 2 GB; larger models would need external data files, which the bundle
 # format does not carry.
@@ -31,7 +31,7 @@ def output_names_for(module: torch.nn.Module) -> list[str]:
         outputs = module(example_ids, example_mask)
     if not isinstance(outputs, tuple | list) or len(outputs) not in (1, 2):
         raise ExportError("the model must return (embedding,) or (embedding, logits)")
-    return ["embedding", "logits"][: len(outputs)]
+    return list(OUTPUT_NAMES[: len(outputs)])
 
 
 def example_inputs(batch: int = 2, sequence: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

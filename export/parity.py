@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, Field
 from tokenizers import Tokenizer
 
+from bundle.contract import INPUT_NAMES, OUTPUT_NAMES, pad_to_longest
 from export.errors import ExportError
 
 # Real texts always used, so a bundle is checked even when no eval data is given.
@@ -93,21 +94,14 @@ def ort_runner(path: Path) -> Runner:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
-        return session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        return session.run(None, dict(zip(INPUT_NAMES, (input_ids, attention_mask), strict=True)))
 
     return run
 
 
-def pad(
-    sequences: list[list[int]], length: int | None = None, pad_id: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    length = length or max(len(ids) for ids in sequences)
-    input_ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(sequences), length), dtype=np.int64)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
+def pad(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    # Padded positions are masked out, so the id they hold must not matter: 0 for every tokenizer.
+    return pad_to_longest(sequences, pad_id=0)
 
 
 def encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -129,7 +123,7 @@ def build_batches(tokenizer: Tokenizer, texts: list[str], max_seq_len: int) -> l
         Batch("length_one", *pad([single_token])),
         Batch("max_length", *pad([longest])),
         Batch("heavy_padding", *pad([longest, shortest, single_token])),
-        Batch("all_padding_row", *pad([sequences[0], []], length=len(sequences[0]))),
+        Batch("all_padding_row", *pad([sequences[0], []])),
     ]
 
 
@@ -138,7 +132,7 @@ def _fail(variant: str, figure: str, value: float, limit: float, relation: str) 
 
 
 def _check_finite(variant: str, batch: Batch, outputs: list[np.ndarray]) -> None:
-    for name, output in zip(("embedding", "logits"), outputs, strict=False):
+    for name, output in zip(OUTPUT_NAMES, outputs, strict=False):
         if not np.isfinite(output).all():
             raise ParityError(f"{variant} parity gate failed: non-finite {name} on the {batch.name} case")
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from bundle.contract import pad_to_longest
 from model.errors import ModelError
 from model.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
@@ -101,14 +102,8 @@ class TokenizedTexts:
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> input_ids (B, T), attention_mask (B, T), right-padded with [PAD]."""
-        longest = max(len(self.ids[i]) for i in indices)
-        input_ids = torch.full((len(indices), longest), PAD_ID, dtype=torch.int64)
-        attention_mask = torch.zeros((len(indices), longest), dtype=torch.int64)
-        for row, index in enumerate(indices):
-            ids = self.ids[index]
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-            attention_mask[row, : len(ids)] = 1
-        return input_ids, attention_mask
+        input_ids, attention_mask = pad_to_longest([self.ids[index] for index in indices], PAD_ID)
+        return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
 
     def length_sorted_batches(self, batch_size: int) -> list[list[int]]:
         """Index batches of similar length, for inference (less padding)."""

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bundle.contract import TOKENIZER_FILE  # the same file, copied into the bundle at export
 from model.config import EncoderConfig
 from model.encoder import Encoder, InferenceModule, LexicalHead
 from model.errors import ModelError
@@ -30,7 +31,6 @@ RUN_KINDS = ("pretrain", "embed", "classify")
 ARCHITECTURE = "bert-prenorm-glu"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 

@@ -1,4 +1,4 @@
-"""Dynamic batching (DESIGN.md §5), after TEI's core/queue.rs and core/infer.rs.
+"""Dynamic batching (docs/architecture.md, "Life of a request"), after TEI's core/queue.rs and core/infer.rs.
 
 Handlers tokenise their request, hand its items (one text each) to `Batcher.infer` and await the
 result. One asyncio task, the batching loop, owns the queue: as soon as the runtime is free it takes
@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from bundle.contract import pad_to_longest
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 from service.runtime import ModelOutputs
@@ -118,17 +119,6 @@ def pick_batch(
         else:
             break
     return [items[position] for position in sorted(by_length[low:high])]
-
-
-def pad_batch(token_ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad to the longest item: input_ids and attention_mask, int64 (B, T)."""
-    longest = max(len(ids) for ids in token_ids)
-    input_ids = np.full((len(token_ids), longest), pad_id, dtype=np.int64)  # (B, T)
-    attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)  # (B, T)
-    for row, ids in enumerate(token_ids):
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
 
 
 class Batcher:
@@ -257,7 +247,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         self._running = True
         try:
-            input_ids, attention_mask = pad_batch([item.token_ids for item in batch], self._pad_id)
+            input_ids, attention_mask = pad_to_longest([item.token_ids for item in batch], self._pad_id)
             started_at = loop.time()
             for item in batch:
                 if item.request.started_at is None:

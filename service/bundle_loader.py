@@ -5,13 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundle import BundleError, Manifest, verify_bundle
+from bundle.contract import LOGITS_OUTPUT, TOKENIZER_FILE
 from service.runtime import OnnxRuntime, cuda_available
 from service.settings import BatchLimits, Settings
 from service.tokenization import TextTokenizer
 
 logger = logging.getLogger("service.bundle_loader")
-
-TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def load_model(settings: Settings) -> LoadedModel:
     model_file = bundle_dir / manifest.variants[chosen].file
     if manifest.classifier is not None and not runtime.has_logits:
         raise BundleError(
-            f"{model_file}: the manifest declares a classifier but the graph has no 'logits' output"
+            f"{model_file}: the manifest declares a classifier but the graph has no {LOGITS_OUTPUT!r} output"
         )
     tokenizer = TextTokenizer(bundle_dir / TOKENIZER_FILE, manifest.max_seq_len)
     limits = settings.batch_limits(runtime.provider)

@@ -1,4 +1,5 @@
-"""`encoder serve`: every ENCODER_* setting (DESIGN.md §7) is also a flag; a flag wins over the variable.
+"""`encoder serve`: every ENCODER_* setting (service/settings.py) is also a flag; a flag wins over the
+variable.
 
 Only argparse is imported here; the service (FastAPI, ONNX Runtime) is imported when `serve` runs.
 """

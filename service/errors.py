@@ -1,8 +1,9 @@
-"""The one error type of the service and its mapping to HTTP (DESIGN.md §4).
+"""The one error type of the service and its mapping to HTTP (docs/architecture.md, "Error table").
 
 Every failure a client can see is a `ServiceError` carrying an `ErrorType`; this module is the only
-place that turns one into a status code and a JSON body. TEI routes get `{"error", "error_type"}`,
-OpenAI routes (`/v1/*`) get `{"error": {"message", "type", "param", "code"}}`.
+place that turns one into a status code and a JSON body, and the only one that knows which status
+counts as which reason of encoder_rejected_total. TEI routes get `{"error", "error_type"}`, OpenAI
+routes (`/v1/*`) get `{"error": {"message", "type", "param", "code"}}`.
 """
 
 import json
@@ -20,6 +21,8 @@ class ErrorType(Enum):
     TIMEOUT = (504, "timeout_error", "timeout")
     UNHEALTHY = (503, "service_unavailable_error", "unhealthy")
     BACKEND = (500, "server_error", "backend")
+    # nginx's code for "client closed request": counted and logged, never seen by the (gone) client.
+    CLIENT_DISCONNECTED = (499, "client_closed_request", "client_disconnected")
 
     @property
     def status(self) -> int:
@@ -37,6 +40,17 @@ class ErrorType(Enum):
     def tei_name(self) -> str:
         # TEI spells its error types in CamelCase: Validation, Overloaded, Backend...
         return "".join(part.capitalize() for part in self.name.split("_"))
+
+    @classmethod
+    def for_status(cls, status: int) -> "ErrorType | None":
+        """The entry with this status; each status appears once in the table."""
+        return next((error_type for error_type in cls if error_type.status == status), None)
+
+
+def reject_reason(status: int) -> str | None:
+    """The reason label of encoder_rejected_total for a response status; None for a non-rejection."""
+    error_type = ErrorType.for_status(status)
+    return error_type.reject_reason if error_type else None
 
 
 class ServiceError(Exception):

@@ -1,4 +1,5 @@
-"""Every Prometheus metric of the service (DESIGN.md §6), on its own registry, created at start-up.
+"""Every Prometheus metric of the service (docs/architecture.md, "Metrics"), on its own registry,
+created at start-up.
 
 Labelled series that are known in advance are initialised here too, so a scrape right after
 start-up already shows them (dashboards and alerts do not see "no data" before the first request).
@@ -17,11 +18,7 @@ from service.errors import ErrorType
 
 ROUTES = ("/embed", "/classify", "/v1/embeddings", "/health", "/ready", "/info", "/metrics")
 OTHER_ROUTE = "other"  # unknown paths share one label value, so scanners cannot explode cardinality
-CLIENT_DISCONNECTED = "client_disconnected"
-REJECT_REASONS = (
-    *(error_type.reject_reason for error_type in ErrorType if error_type.reject_reason),
-    CLIENT_DISCONNECTED,
-)
+REJECT_REASONS = tuple(error_type.reject_reason for error_type in ErrorType if error_type.reject_reason)
 
 # The *_created series double every counter and histogram for a timestamp nobody queries.
 disable_created_metrics()

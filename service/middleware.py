@@ -1,5 +1,8 @@
 """Pure ASGI middleware in front of every route: request metrics, the API key and the payload limit.
 
+Every response passes here, so this is the one place that counts requests and rejections
+(encoder_rejected_total, by the reason the error table gives the response's status).
+
 Pure ASGI (not BaseHTTPMiddleware) because it runs on every request and must not add a task hop, and
 because a body over the limit has to be refused while it streams in, before the app reads it.
 """
@@ -9,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from service.errors import ErrorType, ServiceError, error_response_parts
+from service.errors import ErrorType, ServiceError, error_response_parts, reject_reason
 from service.metrics import OTHER_ROUTE, ROUTES, Metrics
 
 Scope = MutableMapping[str, Any]
@@ -35,7 +38,7 @@ class ServiceMiddleware:
             return
         path: str = scope["path"]
         started = time.perf_counter()
-        status = 500  # if the app dies before answering, the server answers 500
+        status = 500  # if the app dies before answering, the server answers 500 (a backend error)
 
         async def send_and_observe(message: Message) -> None:
             nonlocal status
@@ -56,6 +59,8 @@ class ServiceMiddleware:
             route = path if path in ROUTES else OTHER_ROUTE
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.request_duration.labels(route=route).observe(time.perf_counter() - started)
+            if (reason := reject_reason(status)) is not None:
+                self.metrics.rejected.labels(reason=reason).inc()
 
     def _check_headers(self, path: str, headers: dict[bytes, bytes]) -> ServiceError | None:
         if self.api_key is not None and path not in OPEN_PATHS:
@@ -100,8 +105,6 @@ class ServiceMiddleware:
         return replay, None
 
     async def send_error(self, error: ServiceError, path: str, send: Send) -> None:
-        if error.error_type.reject_reason is not None:
-            self.metrics.rejected.labels(reason=error.error_type.reject_reason).inc()
         status, headers, body = error_response_parts(error, path)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -1,6 +1,6 @@
 """The ONNX Runtime session: provider choice, thread settings, IO binding on CUDA, warm-up.
 
-The graph contract (DESIGN.md §2): int64 inputs `input_ids` and `attention_mask` of shape
+The graph contract is bundle/contract.py: int64 inputs `input_ids` and `attention_mask` of shape
 [batch, seq]; outputs `embedding` [batch, dim] and, with a classifier, `logits` [batch, labels].
 """
 
@@ -13,10 +13,10 @@ import numpy as np
 import onnxruntime as ort
 
 from bundle import BundleError
+from bundle.contract import EMBEDDING_OUTPUT, INPUT_NAMES, LOGITS_OUTPUT
 
 logger = logging.getLogger("service.runtime")
 
-INPUT_NAMES = ("input_ids", "attention_mask")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -70,26 +70,25 @@ class OnnxRuntime:
             raise BundleError(f"{model_file}: provider cuda requested but ONNX Runtime sees no usable GPU")
         input_names = {node.name for node in self.session.get_inputs()}
         self.output_names = [node.name for node in self.session.get_outputs()]
-        if not set(INPUT_NAMES) <= input_names or "embedding" not in self.output_names:
+        if not set(INPUT_NAMES) <= input_names or EMBEDDING_OUTPUT not in self.output_names:
             raise BundleError(
-                f"{model_file}: graph must take {list(INPUT_NAMES)} and return 'embedding', "
+                f"{model_file}: graph must take {list(INPUT_NAMES)} and return {EMBEDDING_OUTPUT!r}, "
                 f"it takes {sorted(input_names)} and returns {self.output_names}"
             )
-        self.has_logits = "logits" in self.output_names
+        self.has_logits = LOGITS_OUTPUT in self.output_names
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> ModelOutputs:
         """Run one padded batch: input_ids and attention_mask are int64 (B, T)."""
         if self.provider == "cuda":
             outputs = self._run_with_io_binding(input_ids, attention_mask)
         else:
-            outputs = self.session.run(
-                self.output_names, {"input_ids": input_ids, "attention_mask": attention_mask}
-            )
+            inputs = dict(zip(INPUT_NAMES, (input_ids, attention_mask), strict=True))
+            outputs = self.session.run(self.output_names, inputs)
         named = dict(zip(self.output_names, outputs, strict=True))
         # fp16 graphs return float16; everything after this point works in float32.
-        logits = named.get("logits")
+        logits = named.get(LOGITS_OUTPUT)
         return ModelOutputs(
-            embeddings=np.asarray(named["embedding"], dtype=np.float32),
+            embeddings=np.asarray(named[EMBEDDING_OUTPUT], dtype=np.float32),
             logits=None if logits is None else np.asarray(logits, dtype=np.float32),
         )
 
@@ -97,8 +96,8 @@ class OnnxRuntime:
         # Inputs are copied to the GPU once and outputs allocated there by ONNX Runtime, then fetched
         # together: no per-output synchronisation and no host staging buffers on every run.
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("attention_mask", attention_mask)
+        for name, value in zip(INPUT_NAMES, (input_ids, attention_mask), strict=True):
+            binding.bind_cpu_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)

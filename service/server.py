@@ -10,9 +10,10 @@ from types import FrameType
 
 import uvicorn
 
-from service.app import ServiceState, create_app
+from service.app import create_app
 from service.bundle_loader import load_model
 from service.settings import Settings
+from service.state import ServiceState
 
 logger = logging.getLogger("service.server")
 

@@ -1,5 +1,6 @@
-"""Service settings (DESIGN.md §7): `ENCODER_*` environment variables, each also a flag of `encoder serve`
-(service/cli.py holds the flags and their help texts; a test keeps the two in step)."""
+"""Service settings (docs/architecture.md, "Settings"): `ENCODER_*` environment variables, each also a
+flag of `encoder serve` (service/cli.py holds the flags and their help texts; a test keeps the two in
+step)."""
 
 from pathlib import Path
 from typing import Literal

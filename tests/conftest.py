@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny model built with the project's own code and exported to real bundles.
 
-`tiny_bundle` (classifier with 3 labels, fp32 + int8) and `tiny_bundle_no_classifier` are what the
-service and deployment tests serve; they go through the same export path as `encoder export`.
+`tiny_runs` is the suite's one tiny RUN (corpus, tokenizer, an embed RUN and a classify RUN); every
+test that needs a RUN uses it. `tiny_bundle` (classifier with 3 labels, fp32 + int8) and
+`tiny_bundle_no_classifier` are what the service and deployment tests serve; they go through the same
+export path as `encoder export`.
 """
 
 import random
@@ -27,6 +29,7 @@ _OBJECTS = [
 
 @dataclass(frozen=True)
 class TinyRuns:
+    corpus: Path  # plain text the tokenizer was trained on
     tokenizer: Path
     embed_run: Path
     classify_run: Path
@@ -53,8 +56,9 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
 
     root = tmp_path_factory.mktemp("tiny_runs")
     tokenizer_path = root / "tokenizer.json"
+    corpus = _tiny_corpus(root / "corpus.txt")
     tokenizer = train_tokenizer(
-        [_tiny_corpus(root / "corpus.txt")],
+        [corpus],
         vocab_size=200,
         out=tokenizer_path,
         max_seq_len=TINY_MAX_SEQ_LEN,
@@ -87,7 +91,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
         parent=embed_run,
         summary={"note": "random weights, test fixture"},
     )
-    return TinyRuns(tokenizer=tokenizer_path, embed_run=embed_run, classify_run=classify_run)
+    return TinyRuns(corpus=corpus, tokenizer=tokenizer_path, embed_run=embed_run, classify_run=classify_run)
 
 
 def _export(run: Path, out: Path) -> Path:

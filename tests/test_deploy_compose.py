@@ -33,7 +33,8 @@ from containers import (
     podman,
     podman_environment,
 )
-from service_process import free_port
+
+from service.process import free_port
 
 pytestmark = [
     pytest.mark.e2e,

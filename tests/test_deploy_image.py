@@ -33,7 +33,8 @@ from containers import (
 )
 from locks import read_lock
 from packaging.utils import canonicalize_name
-from service_process import ServiceProcess, free_port
+
+from service.process import ServiceProcess, free_port
 
 pytestmark = [
     pytest.mark.e2e,

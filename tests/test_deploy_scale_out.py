@@ -25,7 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from service_process import ServiceProcess, free_port
+
+from service.process import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -94,3 +94,19 @@ def test_no_import_cycle() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_bench_does_not_reach_into_tests() -> None:
+    """The benchmarks use the installed packages and their own modules, never tests/ via sys.path."""
+    test_modules = {path.stem for path in (REPO_ROOT / "tests").glob("*.py")}
+    for path in (REPO_ROOT / "bench").glob("*.py"):
+        source = path.read_text()
+        assert "sys.path" not in source, path
+        for node in ast.walk(ast.parse(source, filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not {name.split(".")[0] for name in names} & test_modules, f"{path}:{node.lineno}"

@@ -4,39 +4,26 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
 
 import encoder_cli
-from model.config import EncoderConfig
-from model.encoder import Encoder
-from model.run import save_run
-from model.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def files(tiny_runs: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The suite's tiny classify RUN, its tokenizer and corpus, and a few broken input files."""
     root = tmp_path_factory.mktemp("cli_errors")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(f"the item {i} is red and small" for i in range(300)) + "\n")
-    tokenizer = root / "tokenizer.json"
-    train_tokenizer([corpus], 100, tokenizer, show_progress=False)
-    config = EncoderConfig(vocab_size=100, n_layer=1, n_head=2, n_embd=16, max_seq_len=32)
-    weights = {f"encoder.{k}": v for k, v in Encoder(config).state_dict().items()}
-    weights.update({f"classifier.{k}": v for k, v in torch.nn.Linear(16, 2).state_dict().items()})
-    run = save_run(
-        root / "run",
-        kind="classify",
-        config=config,
-        weights=weights,
-        tokenizer_path=tokenizer,
-        labels=["a", "b"],
-    )
     (root / "empty.txt").write_text("\n  \n")
     (root / "data.jsonl").write_text(json.dumps({"text": "x", "label": "zebra"}) + "\n")
     (root / "bad.jsonl").write_text('{"text": "x", "label": "a"}\nnot json\n')
-    return {"root": root, "corpus": corpus, "tokenizer": tokenizer, "run": run}
+    return {
+        "root": root,
+        "corpus": tiny_runs.corpus,
+        "tokenizer": tiny_runs.tokenizer,
+        "run": tiny_runs.classify_run,
+    }
 
 
 def fails_with(argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:

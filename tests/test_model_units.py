@@ -2,6 +2,7 @@
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -117,10 +118,7 @@ def test_tokenizer_special_tokens_and_truncation(tmp_path: Path) -> None:
     assert len(encoding.ids) == 8 and encoding.ids[0] == 2 and encoding.ids[-1] == 3
 
 
-def test_run_round_trip_and_corrupt_weights(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"word{i} and more words" for i in range(200)))
-    train_tokenizer([corpus], 300, tmp_path / "tok.json", show_progress=False)
+def test_run_round_trip_and_corrupt_weights(tiny_runs: Any, tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = EncoderConfig(**TINY)
     encoder, classifier = Encoder(config), torch.nn.Linear(32, 2)
@@ -131,7 +129,7 @@ def test_run_round_trip_and_corrupt_weights(tmp_path: Path) -> None:
         kind="classify",
         config=config,
         weights=weights,
-        tokenizer_path=tmp_path / "tok.json",
+        tokenizer_path=tiny_runs.tokenizer,
         labels=["no", "yes"],
         normalize=True,
         matryoshka_dims=[16],

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.bundle_loader import load_model
 from service.cli import SERVE_FLAGS, add_serve_arguments, settings_overrides
-from service.errors import ErrorType
+from service.errors import ErrorType, reject_reason
 from service.runtime import ModelOutputs
 from service.settings import CPU_BATCH_LIMITS, CUDA_BATCH_LIMITS, Settings, SettingsError, settings_from
 
@@ -65,6 +65,14 @@ def test_error_table_matches_the_design() -> None:
         "Backend": 500,
     }
     assert {error.tei_name: error.status for error in ErrorType if error.tei_name in expected} == expected
+
+
+def test_each_status_has_one_row_and_one_reject_reason() -> None:
+    statuses = [error.status for error in ErrorType]
+    assert len(statuses) == len(set(statuses))  # the middleware counts rejections by status
+    assert reject_reason(429) == "queue_full" and reject_reason(499) == "client_disconnected"
+    assert reject_reason(200) is None and reject_reason(404) is None
+    assert ErrorType.for_status(405) is ErrorType.METHOD_NOT_ALLOWED and ErrorType.for_status(400) is None
 
 
 def test_backend_failure_is_a_500_and_the_next_request_is_served(

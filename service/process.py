@@ -1,11 +1,12 @@
-"""Run the real service (`encoder serve`) as a subprocess on
-127.0.0.1 with a free port, for end-to-end tests:
+"""Run the real service (`encoder serve`) as a child process on 127.0.0.1 with a free port, for the
+end-to-end tests and the benchmarks:
 
     with running_service(bundle, max_batch_size=1, api_key="secret") as base_url:
         httpx.post(f"{base_url}/embed", json={"inputs": "hello"})
 
-Keyword arguments are settings (DESIGN.md §7), passed as ENCODER_<NAME> variables. The process is
-started, waited for until /ready answers 200, and always stopped (SIGTERM, then SIGKILL).
+Keyword arguments are settings (docs/architecture.md, "Settings"), passed as ENCODER_<NAME>
+variables. The process is started, waited for until /ready answers 200, and always stopped (SIGTERM,
+then SIGKILL). Standard library only, so that it runs wherever the service is installed.
 """
 
 import os
@@ -15,15 +16,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-READY_TIMEOUT_S = 60.0
+# A safety net against a start that hangs, not a speed requirement: on a loaded shared machine the
+# imports alone have taken a minute.
+READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
+POLL_INTERVAL_S = 0.1
 
 
 def free_port() -> int:
@@ -43,9 +46,21 @@ def encoder_environment(bundle: Path, port: int, settings: dict[str, object]) ->
     return environment
 
 
+# The service is on loopback: never through an HTTP proxy that the environment may name.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def answers_ready(url: str) -> bool:
+    try:
+        with _DIRECT.open(f"{url}/ready", timeout=1.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):  # HTTPError (503) is a URLError
+        return False
+
+
 class ServiceProcess:
-    """One service process; `running_service` is the usual way in. Tests that need the process itself
-    (signals, exit code, log) use this class directly."""
+    """One service process; `running_service` is the usual way in. Callers that need the process
+    itself (signals, exit code, log) use this class directly."""
 
     def __init__(self, bundle: Path, **settings: object) -> None:
         self.port = free_port()
@@ -54,8 +69,7 @@ class ServiceProcess:
         self.log_path = Path(log_path)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "encoder_cli", "serve"],
-            cwd=REPO_ROOT,
-            env=encoder_environment(Path(bundle), self.port, settings),
+            env=encoder_environment(Path(bundle).resolve(), self.port, settings),
             stdout=log_fd,
             stderr=subprocess.STDOUT,
         )
@@ -69,12 +83,9 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.base_url}/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+            if answers_ready(self.base_url):
+                return
+            time.sleep(POLL_INTERVAL_S)
         raise RuntimeError(f"service not ready after {timeout_s} s:\n{self.log()[-3000:]}")
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
