@@ -9,7 +9,7 @@
 #
 # The model bundle is not baked in: mount it read-only at /models/default (ENCODER_BUNDLE), e.g.
 #   docker run --rm -p 8000:8000 -v "$PWD/bundles/default:/models/default:ro" encoder-service:cpu
-# Every ENCODER_* setting (DESIGN.md §7) can be passed with -e; extra flags go after the image name.
+# Every ENCODER_* setting (service/settings.py) can be passed with -e; extra flags go after the image name.
 
 # ---- wheel: the project as one pure-Python wheel, so the runtime stages never see the sources.
 FROM python:3.11-slim-bookworm AS wheel
