@@ -2,33 +2,60 @@
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, RootModel, WithJsonSchema
-
-
-def _not_empty(inputs: str | list[str]) -> str | list[str]:
-    # One check with one clear message, instead of pydantic's per-branch errors for the union.
-    if isinstance(inputs, list) and not inputs:
-        raise ValueError("the list of inputs is empty")
-    if any(not text for text in ([inputs] if isinstance(inputs, str) else inputs)):
-        raise ValueError("an input is an empty string")
-    return inputs
-
-
-NON_EMPTY_TEXT_SCHEMA = {"type": "string", "minLength": 1}
-Inputs = Annotated[
-    str | list[str],
-    AfterValidator(_not_empty),
-    WithJsonSchema(
-        {"anyOf": [NON_EMPTY_TEXT_SCHEMA, {"type": "array", "items": NON_EMPTY_TEXT_SCHEMA, "minItems": 1}]}
-    ),
-]
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, WithJsonSchema
 
 
 def as_list(inputs: str | list[str]) -> list[str]:
     return [inputs] if isinstance(inputs, str) else inputs
 
 
+# Request fields take only their own JSON type: true is not 1, "64" is not 64, "no" is not false.
+STRICT = ConfigDict(strict=True)
+
+
+def _unicode_problem(text: str) -> str | None:
+    """Why `text` is not Unicode text, or None. A JSON escape such as "\\ud800" decodes to a lone
+    surrogate, which neither the tokenizer (Rust, UTF-8 only) nor the renderer (orjson) can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"lone surrogate at character {error.start}, not valid Unicode text"
+    return None
+
+
+def _valid_text(text: str) -> str:
+    if (problem := _unicode_problem(text)) is not None:
+        raise ValueError(problem)
+    return text
+
+
+def _valid_inputs(inputs: str | list[str]) -> str | list[str]:
+    # One check with one clear message, instead of pydantic's per-branch errors for the union.
+    if isinstance(inputs, list) and not inputs:
+        raise ValueError("the list of inputs is empty")
+    for index, text in enumerate(as_list(inputs)):
+        if not text:
+            raise ValueError(f"input {index} is an empty string")
+        if (problem := _unicode_problem(text)) is not None:
+            raise ValueError(f"input {index}: {problem}")
+    return inputs
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+
+
+NON_EMPTY_TEXT_SCHEMA = {"type": "string", "minLength": 1}
+Inputs = Annotated[
+    str | list[str],
+    AfterValidator(_valid_inputs),
+    WithJsonSchema(
+        {"anyOf": [NON_EMPTY_TEXT_SCHEMA, {"type": "array", "items": NON_EMPTY_TEXT_SCHEMA, "minItems": 1}]}
+    ),
+]
+
+
 class EmbedRequest(BaseModel):
+    model_config = STRICT
     inputs: Inputs
     normalize: bool | None = Field(None, description="L2-normalise; default: the bundle's setting (true)")
     truncate: bool = Field(
@@ -38,6 +65,7 @@ class EmbedRequest(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
+    model_config = STRICT
     inputs: Inputs
     top_k: int | None = Field(None, gt=0, description="return only the k best labels")
     raw_scores: bool = Field(False, description="return logits instead of probabilities")
@@ -58,11 +86,12 @@ class ClassifyResponse(RootModel[list[list[Prediction]]]):
 
 
 class OpenAIEmbeddingRequest(BaseModel):
+    model_config = STRICT
     input: Inputs
-    model: str | None = None
+    model: Text | None = None  # echoed in the answer, so it must be renderable
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, gt=0)
-    user: str | None = None
+    user: Text | None = None
 
 
 class OpenAIEmbedding(BaseModel):

@@ -181,6 +181,53 @@ def test_unknown_route_and_method_are_json(base_url: str) -> None:
     assert_error(httpx.get(f"{base_url}/embed"), 405, "MethodNotAllowed")
 
 
+def error_message(response: httpx.Response) -> str:
+    body = response.json()
+    return body["error"]["message"] if response.request.url.path.startswith("/v1/") else body["error"]
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [  # raw bodies: a JSON escape is the only way a client can send a lone surrogate
+        ("/embed", r'{"inputs": "a\ud800b"}', "inputs"),
+        ("/embed", r'{"inputs": ["a cat", "\udfff"]}', "inputs"),
+        ("/classify", r'{"inputs": "a\ud800b"}', "inputs"),
+        ("/v1/embeddings", r'{"input": "a\ud800b"}', "input"),
+        ("/v1/embeddings", r'{"input": "a cat", "model": "\ud800"}', "model"),
+    ],
+)
+def test_lone_surrogate_is_422_naming_the_field_before_any_work(
+    base_url: str, route: str, body: str, field: str
+) -> None:
+    tokenized_before = metric_value(base_url, "encoder_tokenize_duration_seconds_count")
+    response = httpx.post(f"{base_url}{route}", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 422, "Validation")
+    assert error_message(response).startswith(f"{field}: ") and "surrogate" in error_message(response)
+    assert metric_value(base_url, "encoder_tokenize_duration_seconds_count") == tokenized_before
+
+
+@pytest.mark.parametrize(
+    ("route", "payload", "field"),
+    [  # each value would be coerced to a valid one by a lax parser (the old code answered 200)
+        ("/embed", {"inputs": "a cat", "dimensions": True}, "dimensions"),
+        ("/embed", {"inputs": "a cat", "dimensions": "16"}, "dimensions"),
+        ("/embed", {"inputs": "a cat", "truncate": "no"}, "truncate"),
+        ("/embed", {"inputs": "a cat", "normalize": "yes"}, "normalize"),
+        ("/classify", {"inputs": "a cat", "top_k": "3"}, "top_k"),
+        ("/classify", {"inputs": "a cat", "raw_scores": 1}, "raw_scores"),
+        ("/v1/embeddings", {"input": "a cat", "dimensions": True}, "dimensions"),
+    ],
+)
+def test_no_type_coercion_each_rejection_names_the_field(
+    base_url: str, route: str, payload: object, field: str
+) -> None:
+    response = post(f"{base_url}{route}", payload)
+    assert_error(response, 422, "Validation")
+    assert error_message(response).startswith(f"{field}: ")
+    if route.startswith("/v1/"):
+        assert response.json()["error"]["param"] == field
+
+
 def test_limits_too_many_inputs_and_payload_too_large(limited_url: str) -> None:
     assert post(f"{limited_url}/embed", {"inputs": ["a cat"] * 8}).status_code == 200
     assert_error(post(f"{limited_url}/embed", {"inputs": ["a cat"] * 9}), 422, "Validation")
