@@ -1,6 +1,7 @@
 """FastAPI exception handlers: every exception a route can raise becomes a ServiceError, rendered by
 service/errors.py (the error table). Rejections are counted by the middleware, from the status."""
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -25,6 +26,11 @@ async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
 async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     """A request body that does not parse or fails its schema: 422, naming the first field at fault."""
     assert isinstance(exc, RequestValidationError)
+    if isinstance(exc.__cause__, json.JSONDecodeError):
+        # FastAPI's own message gives only a character offset; line and column are what an editor shows.
+        decode = exc.__cause__
+        message = f"malformed JSON: {decode.msg} at line {decode.lineno} column {decode.colno}"
+        return error_response(ServiceError(ErrorType.VALIDATION, message), request.url.path)
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     # ("body", "inputs", 3) -> "inputs.3": the client knows it sent a body.
     where = ".".join(str(part) for part in first["loc"] if part != "body")

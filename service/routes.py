@@ -106,12 +106,18 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, request: Request, stat
     return json_response(content, encoded.timing_headers())
 
 
-@router.get("/health", response_model=Status)
+# HEAD as well as GET: load balancers probe with HEAD.
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=Status)
 async def health() -> Status:
     return Status(status="ok")
 
 
-@router.get("/ready", response_model=Status, responses={ErrorType.UNHEALTHY.status: {"model": TEIError}})
+@router.api_route(
+    "/ready",
+    methods=["GET", "HEAD"],
+    response_model=Status,
+    responses={ErrorType.UNHEALTHY.status: {"model": TEIError}},
+)
 async def ready(state: State) -> Status:
     state.ready_model()
     return Status(status="ready")

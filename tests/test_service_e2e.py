@@ -228,6 +228,22 @@ def test_no_type_coercion_each_rejection_names_the_field(
         assert response.json()["error"]["param"] == field
 
 
+@pytest.mark.parametrize("route", ["/embed", "/v1/embeddings"])
+def test_malformed_json_names_line_and_column(base_url: str, route: str) -> None:
+    body = '{\n  "inputs": [\n    "a cat",\n  ]\n}'  # the trailing comma: line 4, column 3
+    response = httpx.post(f"{base_url}{route}", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 422, "Validation")
+    assert "line 4 column 3" in error_message(response)
+    if route.startswith("/v1/"):
+        assert response.json()["error"]["param"] is None  # no field is at fault, and an offset is no param
+
+
+def test_health_and_ready_answer_head(base_url: str) -> None:
+    for path in ("/health", "/ready"):
+        response = httpx.head(f"{base_url}{path}")
+        assert response.status_code == 200 and response.content == b""
+
+
 def test_limits_too_many_inputs_and_payload_too_large(limited_url: str) -> None:
     assert post(f"{limited_url}/embed", {"inputs": ["a cat"] * 8}).status_code == 200
     assert_error(post(f"{limited_url}/embed", {"inputs": ["a cat"] * 9}), 422, "Validation")

@@ -2,6 +2,7 @@
 and in-process (TestClient) checks of failures that a real bundle cannot produce on demand."""
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from service.app import create_app
 from service.bundle_loader import load_model
 from service.cli import SERVE_FLAGS, add_serve_arguments, settings_overrides
 from service.errors import ErrorType, reject_reason
+from service.middleware import OPEN_PATHS
 from service.runtime import ModelOutputs
 from service.settings import CPU_BATCH_LIMITS, CUDA_BATCH_LIMITS, Settings, SettingsError, settings_from
 
@@ -73,6 +75,19 @@ def test_each_status_has_one_row_and_one_reject_reason() -> None:
     assert reject_reason(429) == "queue_full" and reject_reason(499) == "client_disconnected"
     assert reject_reason(200) is None and reject_reason(404) is None
     assert ErrorType.for_status(405) is ErrorType.METHOD_NOT_ALLOWED and ErrorType.for_status(400) is None
+
+
+def readme_row(starting_with: str) -> str:
+    rows = (REPO_ROOT / "README.md").read_text().splitlines()
+    return next(row for row in rows if row.startswith(starting_with))
+
+
+def test_readme_names_the_real_rejection_reasons_and_open_paths() -> None:
+    reasons = {error_type.reject_reason for error_type in ErrorType if error_type.reject_reason}
+    reasons_row = readme_row("| `encoder_rejected_total{reason}`")
+    assert set(re.findall(r"`([a-z_]+)`", reasons_row)) == reasons
+    api_key_row = readme_row("| `ENCODER_API_KEY`")
+    assert set(re.findall(r"`(/[^`]*)`", api_key_row)) == OPEN_PATHS
 
 
 def test_backend_failure_is_a_500_and_the_next_request_is_served(
