@@ -165,3 +165,18 @@ def test_parse_wordnet_line() -> None:
     assert synset.examples == ("able to swim", "she was able to program her computer")
     assert parse_data_line("  1 This software and database is being provided\n", "noun") is None
     assert len(LEXNAMES) == 45 and LEXNAMES[5] == "noun.animal"
+
+
+def test_parse_debian_descriptions_and_sections() -> None:
+    from model.debian_packages import parse_sections, parse_translation
+
+    translation = (
+        "Package: foo\nDescription-md5: 0\nDescription-en: a tool for foo\n"
+        " Foo does things\n with bars.\n .\n Second paragraph.\n\n"
+        "Package: empty\nDescription-en: only a synopsis\n"
+    )
+    assert parse_translation(translation) == {
+        "foo": ("a tool for foo", "Foo does things with bars. Second paragraph.")
+    }
+    dumpavail = "Package: foo\nVersion: 1\nSection: contrib/science\n\nPackage: bar\nSection: games\n"
+    assert parse_sections(dumpavail) == {"foo": "science", "bar": "games"}
