@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import EncoderConfig
-from model.encoder import Block, Encoder, key_padding_mask
+from model.encoder import Block, Encoder, key_padding_mask, log_unigram_frequencies
 from model.tokenizer import MASK_ID, SPECIAL_TOKENS
 
 
@@ -66,8 +66,7 @@ class ReplacedTokenDetectionModel(nn.Module):
 
     @torch.no_grad()
     def init_bias_from_frequencies(self, token_ids: torch.Tensor) -> None:
-        counts = torch.bincount(token_ids.flatten(), minlength=self.mlm_bias.numel()).float() + 1.0
-        self.mlm_bias.copy_(torch.log(counts / counts.sum()))
+        self.mlm_bias.copy_(log_unigram_frequencies(token_ids, self.mlm_bias.numel()))
 
     def generator_logits(
         self, masked_ids: torch.Tensor, attention_mask: torch.Tensor, chosen: torch.Tensor

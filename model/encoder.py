@@ -145,6 +145,12 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return total / count
 
 
+def log_unigram_frequencies(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The log unigram distribution of `token_ids` (add-one smoothed): where an MLM decoder bias starts."""
+    counts = torch.bincount(token_ids.flatten(), minlength=vocab_size).float() + 1.0
+    return torch.log(counts / counts.sum())
+
+
 class MaskedLMModel(nn.Module):
     """Encoder + MLM head whose output projection is tied to the token embedding.
 
@@ -167,9 +173,7 @@ class MaskedLMModel(nn.Module):
 
     @torch.no_grad()
     def init_bias_from_frequencies(self, token_ids: torch.Tensor) -> None:
-        """Set the decoder bias to the log unigram distribution of `token_ids` (add-one smoothed)."""
-        counts = torch.bincount(token_ids.flatten(), minlength=self.mlm_bias.numel()).float() + 1.0
-        self.mlm_bias.copy_(torch.log(counts / counts.sum()))
+        self.mlm_bias.copy_(log_unigram_frequencies(token_ids, self.mlm_bias.numel()))
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor

@@ -186,13 +186,13 @@ def _pretrain(
             attention_mask = (inputs != config.pad_token_id).long()
             with autocast:
                 loss = train_model(inputs, attention_mask, labels)
-            return StepResult(loss, int(attention_mask.sum()))
+            return StepResult(loss, int(attention_mask.sum()), {"seq_len": rows.shape[1]})
         chosen = choose_positions(rows, mask_prob, generator)
         inputs, chosen = rows[rank_rows].to(device), chosen[rank_rows].to(device)
         attention_mask = (inputs != config.pad_token_id).long()
         with autocast:
             loss, logs = train_model(inputs, attention_mask, chosen, generator)
-        return StepResult(loss, int(attention_mask.sum()), logs)
+        return StepResult(loss, int(attention_mask.sum()), {**logs, "seq_len": rows.shape[1]})
 
     if resuming:
         budget_seconds = saved["budget_train_seconds"]

@@ -98,6 +98,11 @@ def test_mlm_objective_learns_from_context(
     # entropy (~3.9 here, not log(200) = 5.3); below it, the encoder is using the context.
     assert losses[0] < 4.2
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05, losses
+    # Sequence-length schedule: 64-token packs, then full-length ones for the last 10% of the steps,
+    # at the same tokens per step.
+    records = metric_records(tmp_path)
+    assert [record["seq_len"] for record in records] == [64] * 54 + [128] * 6
+    assert records[-1]["tokens"] == 60 * 16 * 64
 
 
 def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, capsys: Capture) -> None:
