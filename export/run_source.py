@@ -34,7 +34,7 @@ def source_from_run(run_dir: Path, name: str | None = None) -> ExportSource:
             parameter_count=run.parameter_count,
         ),
         embedding=EmbeddingSpec(
-            dim=config.n_embd,
+            dim=run.embedding_dim,
             pooling=run.pooling,
             normalize=run.normalize,
             matryoshka_dims=list(run.matryoshka_dims),

@@ -169,6 +169,18 @@ def register(subparsers: Any) -> None:
     embed.add_argument(
         "--mine-negatives", action="store_true", help="give every pair without a negative a BM25-mined one"
     )
+    embed.add_argument(
+        "--lexical-dim",
+        type=int,
+        default=768,
+        help="dims of the embedding's lexical channel, a sketch of the text's TF-IDF vector (0: none)",
+    )
+    embed.add_argument(
+        "--lexical-weight",
+        type=float,
+        help="weight of the lexical channel's cosine against the encoder's (default: the best of a grid "
+        "on held-out training pairs)",
+    )
     _add_common_training(embed)
     _add_limit(embed)
     embed.set_defaults(handler=run_finetune_embed)
@@ -287,6 +299,8 @@ def run_finetune_embed(args: argparse.Namespace) -> dict[str, Any]:
         dropout=args.dropout,
         symmetric=not args.one_way,
         mine_negatives=args.mine_negatives,
+        lexical_dim=args.lexical_dim,
+        lexical_weight=args.lexical_weight,
         seed=args.seed,
         device=args.device,
         threads=args.threads,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import EncoderConfig
+from model.lexical import LexicalHead, LexicalSketch, hybrid_embedding
 
 
 def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -186,54 +187,39 @@ class MaskedLMModel(nn.Module):
         return F.cross_entropy(logits.float(), labels[selected])
 
 
-class LexicalHead(nn.Module):
-    """The wide half of a wide-and-deep classifier (Cheng et al. 2016): a learned vector for every token
-    and every hashed token bigram of the input, averaged over the text and projected to the class
-    logits (fastText, Joulin et al. 2017). It adds exact-word evidence, which a small encoder trained
-    for minutes compresses away, and costs one table lookup at serving time.
-
-    Bigram (a, b) of the ids uses row vocab_size + (a * 1_000_003 + b) mod buckets of the same table.
-    """
-
-    def __init__(self, vocab_size: int, buckets: int, dim: int, n_labels: int) -> None:
-        super().__init__()
-        self.vocab_size, self.buckets = vocab_size, buckets
-        self.table = nn.Embedding(vocab_size + buckets, dim)
-        self.out = nn.Linear(dim, n_labels)
-        nn.init.normal_(self.table.weight, std=0.02)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.float()  # (B, T)
-        pair_mask = mask[:, :-1] * mask[:, 1:]  # (B, T - 1): both tokens real
-        bigrams = self.vocab_size + (input_ids[:, :-1] * 1_000_003 + input_ids[:, 1:]) % self.buckets
-        total = (self.table(input_ids) * mask.unsqueeze(-1)).sum(dim=1)
-        total = total + (self.table(bigrams) * pair_mask.unsqueeze(-1)).sum(dim=1)  # (B, dim)
-        count = (mask.sum(dim=1) + pair_mask.sum(dim=1)).clamp(min=1.0).unsqueeze(-1)
-        return self.out(total / count)
-
-
 class InferenceModule(nn.Module):
     """The exported graph: ids and mask in, pooled embedding (and logits) out; pooling happens inside.
 
-    The logits are the linear head on the pooled embedding, plus the lexical head's when there is one."""
+    The logits are the linear head on the pooled embedding, plus the lexical head's when there is one.
+    With a lexical sketch the embedding is the hybrid of the pooled vector and the sketch (unit norm);
+    without one it is the pooled vector, not normalised."""
 
     def __init__(
-        self, encoder: Encoder, classifier: nn.Linear | None, lexical: LexicalHead | None = None
+        self,
+        encoder: Encoder,
+        classifier: nn.Linear | None,
+        lexical: LexicalHead | None = None,
+        sketch: LexicalSketch | None = None,
+        sketch_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.classifier = classifier
         self.lexical = lexical
+        self.sketch = sketch
+        self.sketch_weight = sketch_weight
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
         hidden = self.encoder(input_ids, attention_mask)
-        embedding = mean_pool(hidden, attention_mask).float()
+        pooled = mean_pool(hidden, attention_mask).float()
+        embedding = pooled
+        if self.sketch is not None:
+            embedding = hybrid_embedding(pooled, self.sketch(input_ids, attention_mask), self.sketch_weight)
         if self.classifier is None:
             return (embedding,)
-        logits = self.classifier(embedding)
+        logits = self.classifier(pooled)
         if self.lexical is not None:
             logits = logits + self.lexical(input_ids, attention_mask)
         return embedding, logits

@@ -8,6 +8,9 @@ TrainLoop of model/training.py; they differ only in the loss of a step:
 - ClassificationTask: cross-entropy (or per-label BCE) of a linear head on the mean-pooled encoder;
 - ContrastiveTask: InfoNCE of query against document embeddings, with in-batch negatives, optional
   hard negatives (given in the data or mined with BM25), both directions (symmetric).
+
+An embed fine-tune then adds the embedding's lexical channel (model/lexical.py), weighted against the
+encoder by what ranks held-out training pairs best.
 """
 
 import itertools
@@ -22,12 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.data import DataError, TokenizedTexts, read_jsonl, read_text_lines
-from model.encoder import Encoder, InferenceModule, LexicalHead, mean_pool, optimizer_groups, set_dropout
+from model.encoder import Encoder, InferenceModule, mean_pool, optimizer_groups, set_dropout
 from model.errors import ModelError
-from model.evaluate import infer, read_classification_rows, score_classifier
+from model.evaluate import INFERENCE_BATCH, infer, read_classification_rows, score_classifier
+from model.lexical import LexicalHead, LexicalSketch, hybrid_embedding, inverse_document_frequencies
+from model.metrics import retrieval_metrics
 from model.negatives import mine_bm25_negatives
 from model.run import METRICS_FILE, LoadedRun, load_run, save_run
-from model.tokenizer import load_tokenizer
+from model.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from model.training import MetricsLog, Schedule, StepResult, TrainLoop, batch_rows, pick_device, set_threads
 
 
@@ -74,6 +79,10 @@ class EmbedOptions:
     temperature: float = 0.05
     symmetric: bool = True  # also score each document against the queries (both InfoNCE directions)
     mine_negatives: bool = False  # one BM25 hard negative for every pair that has none
+    # The embedding's lexical channel (model/lexical.py): sketch dims (0: none) and its weight against
+    # the encoder's cosine (None: the best of SKETCH_WEIGHTS on held-out training pairs).
+    lexical_dim: int = 768
+    lexical_weight: float | None = None
     dropout: float | None = None  # default 0, or 0.1 for SimCSE where dropout is the augmentation
     seed: int = 0
     device: str = "auto"
@@ -89,6 +98,11 @@ class EmbedOptions:
 DEFAULT_EMBED_LR = 5e-4
 DEFAULT_CLASSIFY_LR = 5e-4
 DEFAULT_HEAD_LR = 3e-3  # a linear head on frozen features
+SPECIAL_IDS = list(range(len(SPECIAL_TOKENS)))
+SKETCH_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+DEFAULT_SKETCH_WEIGHT = 1.0  # when there are too few pairs to hold some out (or SimCSE, which has none)
+VALIDATION_PAIRS = 1000  # at most; a tenth of the pairs when there are fewer than 10,000
+MIN_VALIDATION_PAIRS = 32
 
 
 @dataclass
@@ -97,6 +111,23 @@ class Pairs:
     positives: list[str]
     negatives: list[str | None]
     simcse: bool
+
+    def select(self, rows: list[int]) -> "Pairs":
+        return Pairs(
+            [self.queries[i] for i in rows],
+            [self.positives[i] for i in rows],
+            [self.negatives[i] for i in rows],
+            self.simcse,
+        )
+
+    def split_validation(self, seed: int) -> tuple["Pairs", "Pairs | None"]:
+        """-> (training pairs, held-out pairs), the held-out ones a seeded random tenth (at most
+        VALIDATION_PAIRS); no held-out pairs for SimCSE or when there would be too few to rank."""
+        held_out = min(VALIDATION_PAIRS, len(self.queries) // 10)
+        if self.simcse or held_out < MIN_VALIDATION_PAIRS:
+            return self, None
+        order = torch.randperm(len(self.queries), generator=torch.Generator().manual_seed(seed)).tolist()
+        return self.select(sorted(order[held_out:])), self.select(sorted(order[:held_out]))
 
 
 def read_pairs(path: Path, limit: int | None = None) -> Pairs:
@@ -272,7 +303,11 @@ def _train(
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(optimizer_groups(module, weight_decay=0.01), lr=peak_lr)
     loop = TrainLoop(
-        name, parameters, optimizer, Schedule(peak_lr, max_steps, budget_seconds), metrics,
+        name,
+        parameters,
+        optimizer,
+        Schedule(peak_lr, max_steps, budget_seconds),
+        metrics,
         progress=options.progress,
     )
     loop.run(step_loss)
@@ -327,8 +362,15 @@ def _fit_heads(
     planned = math.ceil(epochs * max(1, len(texts) // batch_size))
     peak_lr = DEFAULT_HEAD_LR if not options.freeze_encoder else options.lr or DEFAULT_HEAD_LR
     summary = _train(
-        "fit heads", heads, step_loss, planned, options, peak_lr, started,
-        metrics_file="metrics.heads.jsonl", use_budget=options.freeze_encoder,
+        "fit heads",
+        heads,
+        step_loss,
+        planned,
+        options,
+        peak_lr,
+        started,
+        metrics_file="metrics.heads.jsonl",
+        use_budget=options.freeze_encoder,
     )
     with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
         classifier.weight.div_(feature_std.to(device))
@@ -369,8 +411,15 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
         pair_task = None
         if options.pairs is not None:
             pair_task = ContrastiveTask(
-                read_pairs(options.pairs), tokenizer, encoder, device, options.pair_batch_size,
-                options.temperature, options.seed, symmetric=True, dims=run.matryoshka_dims,
+                read_pairs(options.pairs),
+                tokenizer,
+                encoder,
+                device,
+                options.pair_batch_size,
+                options.temperature,
+                options.seed,
+                symmetric=True,
+                dims=run.matryoshka_dims,
             )
             summary["multitask_pairs"] = len(pair_task)
 
@@ -426,10 +475,50 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
         multi_label=options.multi_label,
         normalize=run.normalize or options.pairs is not None,
         matryoshka_dims=run.matryoshka_dims,
+        # The embedding's lexical channel depends on the token ids alone, so it stays valid.
+        sketch=run.build_sketch(),
+        sketch_weight=run.sketch_weight,
         summary={**summary, "init": run.summary},
         parent=run.path,
     )
     return {"run": str(options.out), "labels": len(labels), **summary}
+
+
+def build_sketch(pairs: Pairs, tokenizer: Any, vocab_size: int, dim: int, seed: int) -> LexicalSketch:
+    """The lexical channel, with idf over the distinct texts of the training pairs."""
+    texts = sorted({*pairs.queries, *pairs.positives, *(n for n in pairs.negatives if n is not None)})
+    idf = inverse_document_frequencies(TokenizedTexts.encode(tokenizer, texts), vocab_size, SPECIAL_IDS)
+    return LexicalSketch(idf, dim, seed)
+
+
+@torch.no_grad()
+def sketch_texts(sketch: LexicalSketch, tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    tokens = TokenizedTexts.encode(tokenizer, texts)
+    pieces = [sketch(*tokens.batch(rows)) for rows in tokens.length_sorted_batches(INFERENCE_BATCH)]
+    order = [row for rows in tokens.length_sorted_batches(INFERENCE_BATCH) for row in rows]
+    return torch.cat(pieces)[torch.argsort(torch.tensor(order))]
+
+
+def choose_sketch_weight(
+    encoder: Encoder, sketch: LexicalSketch, tokenizer: Any, held_out: Pairs, device: torch.device
+) -> dict[float, float]:
+    """MRR@10 of the held-out queries against the held-out positives for every weight in
+    SKETCH_WEIGHTS: how much the lexical channel should count against this encoder on this data."""
+    dense = InferenceModule(encoder, None)
+    query_dense = infer(dense, tokenizer, held_out.queries, device, desc="held-out queries")[0]
+    doc_dense = infer(dense, tokenizer, held_out.positives, device, desc="held-out positives")[0]
+    sketch = sketch.to("cpu")
+    query_lexical = sketch_texts(sketch, tokenizer, held_out.queries)
+    doc_lexical = sketch_texts(sketch, tokenizer, held_out.positives)
+    ids = [str(row) for row in range(len(held_out.queries))]
+    scores = {}
+    for weight in SKETCH_WEIGHTS:
+        queries = hybrid_embedding(query_dense.cpu(), query_lexical, weight)
+        documents = hybrid_embedding(doc_dense.cpu(), doc_lexical, weight)
+        top = (queries @ documents.T).topk(min(10, len(ids)), dim=1).indices.tolist()
+        ranked = [[ids[i] for i in row] for row in top]
+        scores[weight] = retrieval_metrics(ranked, [{row} for row in ids])["mrr@10"]
+    return scores
 
 
 def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
@@ -437,8 +526,13 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
     dims = [d for d in options.matryoshka if d < run.config.n_embd]
     if len(dims) != len(options.matryoshka):
         raise ModelError(f"matryoshka dims must be smaller than the model's dim {run.config.n_embd}")
+    if options.lexical_dim < 0:
+        raise ModelError(f"lexical_dim must be 0 (none) or positive, not {options.lexical_dim}")
     tokenizer = load_tokenizer(run.tokenizer_path)
     pairs = read_pairs(options.train, options.limit)
+    held_out = None
+    if options.lexical_dim and options.lexical_weight is None:
+        pairs, held_out = pairs.split_validation(options.seed)
     batch_size = options.batch_size or 64
     planned = math.ceil(options.epochs * max(1, len(pairs.queries) // batch_size))
     mined = 0
@@ -455,8 +549,15 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
     set_dropout(encoder, dropout)
     encoder.train()
     task = ContrastiveTask(
-        pairs, tokenizer, encoder, device, batch_size, options.temperature, options.seed,
-        symmetric=options.symmetric and not pairs.simcse, dims=dims,
+        pairs,
+        tokenizer,
+        encoder,
+        device,
+        batch_size,
+        options.temperature,
+        options.seed,
+        symmetric=options.symmetric and not pairs.simcse,
+        dims=dims,
     )
     summary = _train(
         "finetune embed", encoder, task.loss, planned, options, options.lr or DEFAULT_EMBED_LR, started
@@ -472,6 +573,16 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
         dropout=dropout,
         matryoshka_dims=dims,
     )
+    sketch, sketch_weight = None, 0.0
+    if options.lexical_dim:
+        sketch = build_sketch(pairs, tokenizer, run.config.vocab_size, options.lexical_dim, options.seed)
+        sketch_weight = DEFAULT_SKETCH_WEIGHT if options.lexical_weight is None else options.lexical_weight
+        if held_out is not None:
+            encoder.eval()
+            validation = choose_sketch_weight(encoder, sketch, tokenizer, held_out, device)
+            sketch_weight = max(validation, key=lambda weight: validation[weight])
+            summary["held_out_mrr@10"] = {str(weight): round(mrr, 4) for weight, mrr in validation.items()}
+        summary.update(lexical_dim=options.lexical_dim, lexical_weight=sketch_weight)
     weights = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     save_run(
         options.out,
@@ -481,6 +592,8 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
         tokenizer_path=run.tokenizer_path,
         normalize=True,
         matryoshka_dims=dims,
+        sketch=sketch,
+        sketch_weight=sketch_weight,
         summary={**summary, "init": run.summary},
         parent=run.path,
     )

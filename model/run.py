@@ -2,7 +2,8 @@
 
 <run>/
   model.safetensors   weights: "encoder.*", plus "classifier.*" and optionally "lexical.*" (classify
-                      runs) or the pretraining heads (pretrain runs)
+                      runs), "sketch.*" (the lexical channel of embed runs and their children) or the
+                      pretraining heads (pretrain runs)
   config.json         EncoderConfig as a dict + architecture name and parameter count
   tokenizer.json      copied in, so a run is self-contained
   run.json            kind, labels, embedding spec, training/eval summary, parent run
@@ -24,8 +25,9 @@ from torch import nn
 
 from bundle.contract import TOKENIZER_FILE  # the same file, copied into the bundle at export
 from model.config import EncoderConfig
-from model.encoder import Encoder, InferenceModule, LexicalHead
+from model.encoder import Encoder, InferenceModule
 from model.errors import ModelError
+from model.lexical import LexicalHead, LexicalSketch
 
 RUN_KINDS = ("pretrain", "embed", "classify")
 ARCHITECTURE = "bert-prenorm-glu"
@@ -51,6 +53,8 @@ class LoadedRun:
     normalize: bool
     matryoshka_dims: list[int]
     summary: dict[str, Any]
+    sketch_dim: int  # 0: no lexical channel in the embedding
+    sketch_weight: float
     parameter_count: int
     weights: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
@@ -90,13 +94,34 @@ class LoadedRun:
             raise ModelError(message) from None
         return lexical
 
-    def inference_module(self) -> torch.nn.Module:
+    def build_sketch(self) -> LexicalSketch | None:
+        """The lexical channel of the embedding ("sketch.*" buffers), when the run has one."""
+        if not self.sketch_dim:
+            return None
+        state = _prefixed(self.weights, "sketch.")
+        if set(state) != {"idf", "column", "sign"}:
+            message = f"{self.path / WEIGHTS_FILE}: run.json has a lexical sketch but the weights lack it"
+            raise ModelError(message)
+        return LexicalSketch.from_state(state, self.sketch_dim)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.n_embd + self.sketch_dim
+
+    def inference_module(self) -> InferenceModule:
         """eval-mode module: (input_ids, attention_mask) -> (embedding,) or (embedding, logits).
 
-        embedding (B, n_embd) float32, masked-mean pooled, not normalised; logits raw, only when
-        the run has a classifier head; finite for rows whose attention_mask is all zeros.
+        embedding (B, embedding_dim) float32: the masked-mean pooled vector, not normalised, or with a
+        lexical sketch the unit-norm hybrid of both; logits raw, only when the run has a classifier head;
+        finite for rows whose attention_mask is all zeros.
         """
-        return InferenceModule(self.build_encoder(), self.build_classifier(), self.build_lexical()).eval()
+        return InferenceModule(
+            self.build_encoder(),
+            self.build_classifier(),
+            self.build_lexical(),
+            self.build_sketch(),
+            self.sketch_weight,
+        ).eval()
 
 
 def parameter_count(weights: dict[str, torch.Tensor]) -> int:
@@ -115,13 +140,18 @@ def save_run(
     multi_label: bool = False,
     normalize: bool = False,
     matryoshka_dims: list[int] | None = None,
+    sketch: "LexicalSketch | None" = None,
+    sketch_weight: float = 0.0,
     summary: dict[str, Any] | None = None,
     parent: Path | None = None,
 ) -> Path:
-    """Write a RUN directory. `weights` uses the prefixes "encoder.", "classifier.", "mlm_"."""
+    """Write a RUN directory. `weights` uses the prefixes "encoder.", "classifier.", "lexical.", "mlm_";
+    the sketch, when given, is added as "sketch.*"."""
     if kind not in RUN_KINDS:
         raise ValueError(f"kind must be one of {RUN_KINDS}, not {kind!r}")
     path.mkdir(parents=True, exist_ok=True)
+    if sketch is not None:
+        weights = {**weights, **{f"sketch.{k}": v for k, v in sketch.state_dict().items()}}
     contiguous = {key: value.detach().cpu().contiguous() for key, value in weights.items()}
     # Write then rename: an interrupted save never leaves a truncated model.safetensors behind.
     partial = path / (WEIGHTS_FILE + ".partial")
@@ -139,7 +169,12 @@ def save_run(
         "kind": kind,
         "labels": labels,
         "multi_label": multi_label,
-        "embedding": {"pooling": "mean", "normalize": normalize, "matryoshka_dims": matryoshka_dims or []},
+        "embedding": {
+            "pooling": "mean",
+            "normalize": normalize,
+            "matryoshka_dims": matryoshka_dims or [],
+            "lexical_sketch": {"dim": sketch.dim, "weight": sketch_weight} if sketch is not None else None,
+        },
         "summary": summary or {},
         "parent": str(parent.resolve()) if parent else None,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -186,6 +221,7 @@ def load_run(path: str | Path) -> LoadedRun:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{weights_path}: corrupt checkpoint ({str(exc).splitlines()[0]})") from None
     embedding = run_json.get("embedding") or {}
+    sketch = embedding.get("lexical_sketch") or {}
     labels = run_json.get("labels")
     return LoadedRun(
         path=path,
@@ -198,6 +234,8 @@ def load_run(path: str | Path) -> LoadedRun:
         normalize=bool(embedding.get("normalize", False)),
         matryoshka_dims=list(embedding.get("matryoshka_dims") or []),
         summary=run_json.get("summary") or {},
+        sketch_dim=int(sketch.get("dim", 0)),
+        sketch_weight=float(sketch.get("weight", 0.0)),
         parameter_count=parameter_count(weights),
         weights=weights,
     )

@@ -138,7 +138,12 @@ def test_train_loop_follows_schedule_clips_and_stops() -> None:
     # Clipped to norm 1 each step, so the weight moves by exactly lr per step.
     assert weight.item() == pytest.approx(10.0 - sum(seen_lrs), rel=1e-5)
     resumed = TrainLoop(
-        "t", [weight], optimizer, Schedule(0.1, 10, None), None, progress=False,
+        "t",
+        [weight],
+        optimizer,
+        Schedule(0.1, 10, None),
+        None,
+        progress=False,
         state=LoopState.from_dict(state.to_dict()),
     )
     assert resumed.run(step_loss).step == 10 and resumed.finished()
@@ -165,7 +170,7 @@ def test_length_chunked_embeddings_equal_one_padded_batch() -> None:
 
 
 def test_lexical_head_counts_words_and_bigrams_and_ignores_padding() -> None:
-    from model.encoder import LexicalHead
+    from model.lexical import LexicalHead
 
     torch.manual_seed(0)
     head = LexicalHead(vocab_size=50, buckets=64, dim=4, n_labels=3)
@@ -178,3 +183,31 @@ def test_lexical_head_counts_words_and_bigrams_and_ignores_padding() -> None:
     # The same text without padding, or padded with other ids, scores the same: served batches pad.
     torch.testing.assert_close(head(ids[:, :4], mask[:, :4]), head(ids, mask))
     torch.testing.assert_close(head(torch.tensor([[2, 7, 9, 3, 44, 45]]), mask), head(ids, mask))
+
+
+def test_lexical_sketch_is_the_sublinear_tfidf_vector_hashed_and_ignores_padding() -> None:
+    from model.lexical import LexicalSketch
+
+    idf = torch.rand(50) + 0.5
+    idf[:5] = 0.0  # special tokens
+    sketch = LexicalSketch(idf, dim=16, seed=3)
+    ids, mask = torch.tensor([[2, 7, 9, 7, 3, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    expected = torch.zeros(16)
+    for token, tf in ((7, 2), (9, 1)):  # [CLS] and [SEP] carry nothing; 7 occurs twice
+        expected[sketch.column[token]] += sketch.sign[token] * idf[token] * (1 + math.log(tf))
+    torch.testing.assert_close(sketch(ids, mask)[0], expected / expected.norm())
+    torch.testing.assert_close(sketch(torch.tensor([[2, 7, 9, 7, 3, 44, 45]]), mask), sketch(ids, mask))
+    rebuilt = LexicalSketch.from_state(sketch.state_dict(), 16)
+    torch.testing.assert_close(rebuilt(ids, mask), sketch(ids, mask))
+
+
+def test_hybrid_embedding_cosine_is_the_weighted_mean_of_both_cosines() -> None:
+    from model.lexical import hybrid_embedding
+
+    torch.manual_seed(0)
+    dense, lexical = torch.randn(2, 8), F.normalize(torch.randn(2, 12), dim=1)
+    hybrid = hybrid_embedding(dense, lexical, weight=2.0)
+    torch.testing.assert_close(hybrid.norm(dim=1), torch.ones(2))
+    dense_cos = F.cosine_similarity(dense[0], dense[1], dim=0)
+    lexical_cos = lexical[0] @ lexical[1]
+    torch.testing.assert_close(hybrid[0] @ hybrid[1], (dense_cos + 2.0 * lexical_cos) / 3.0)

@@ -127,9 +127,16 @@ def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, ca
         "--batch-size 16 --matryoshka 16,32 --threads 2 --no-progress",
         capsys,
     )
-    assert result["steps"] == 15
+    assert result["steps"] == 15 and result["pairs"] == 360  # a tenth held out to weigh the lexical channel
     embed_run = load_run(embed)
     assert (embed_run.kind, embed_run.normalize, embed_run.matryoshka_dims) == ("embed", True, [16, 32])
+    # Every query word occurs in its positive: exact-word evidence must rank the held-out pairs better
+    # than 15 steps of a 2x64 encoder, and the weight chosen is the best one on them.
+    held_out = {float(weight): mrr for weight, mrr in result["held_out_mrr@10"].items()}
+    assert max(held_out.values()) > held_out[0.0] + 0.1, held_out
+    lexical_weight = result["lexical_weight"]
+    assert held_out[lexical_weight] == max(held_out.values())
+    assert (embed_run.sketch_dim, embed_run.embedding_dim) == (768, 64 + 768)
 
     result = encoder(
         f"finetune classify --init {embed} --train {root / 'classify_train.jsonl'} --out {classify} "
@@ -141,8 +148,9 @@ def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, ca
     classify_run = load_run(classify)
     assert classify_run.labels == ["animal", "food", "tool"]
     assert (classify_run.normalize, classify_run.matryoshka_dims) == (True, [16, 32])
-    for key, value in embed_run.weights.items():
+    for key, value in embed_run.weights.items():  # the lexical sketch's buffers carried over too
         assert torch.equal(classify_run.weights[key], value), f"--freeze-encoder changed {key}"
+    assert (classify_run.sketch_dim, classify_run.sketch_weight) == (768, lexical_weight)
 
     scores = encoder(f"eval classify --model {classify} --data {root / 'classify_test.jsonl'}", capsys)
     assert scores["accuracy"] == pytest.approx(result["eval"]["accuracy"])
@@ -167,8 +175,10 @@ def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, ca
     records = metric_records(multitask)
     contrastive = [record["contrastive_loss"] for record in records]
     assert sum(contrastive[-5:]) / 5 < sum(contrastive[:5]) / 5 - 0.1, contrastive
-    assert all(record["loss"] == pytest.approx(record["classify_loss"] + record["contrastive_loss"], rel=1e-4)
-               for record in records)
+    assert all(
+        record["loss"] == pytest.approx(record["classify_loss"] + record["contrastive_loss"], rel=1e-4)
+        for record in records
+    )
     assert load_run(multitask).normalize  # it now serves embeddings: vectors are normalised
 
 
