@@ -29,7 +29,12 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = model or await asyncio.to_thread(load_model, settings)
         batcher = Batcher(
-            loaded.runtime, loaded.limits, settings.max_queue_items, loaded.tokenizer.pad_id, state.metrics
+            loaded.runtime,
+            loaded.limits,
+            settings.max_queue_items,
+            settings.max_queue_tokens,
+            loaded.tokenizer.pad_id,
+            state.metrics,
         )
         batcher.start()
         state.model, state.batcher = loaded, batcher
@@ -56,5 +61,6 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
         metrics=state.metrics,
         api_key=settings.api_key,
         max_payload_bytes=settings.max_payload_bytes,
+        body_timeout_s=settings.body_timeout_s,
     )
     return app

@@ -1,10 +1,18 @@
-"""Dynamic batching (docs/architecture.md, "Life of a request"), after TEI's core/queue.rs and core/infer.rs.
+"""Dynamic batching (docs/architecture.md, "Life of a request"), after TEI's core/queue.rs and core/infer.rs,
+with fair scheduling across requests.
 
-Handlers tokenise their request, hand its items (one text each) to `Batcher.infer` and await the
-result. One asyncio task, the batching loop, owns the queue: as soon as the runtime is free it takes
-the oldest live item plus the queued items whose lengths pad best with it, within the padded-token
-and item budgets, and runs them in one `InferenceSession.run` on a dedicated thread. While that runs
-the event loop keeps accepting and tokenising requests, which form the next batch.
+A handler first asks for room (`Batcher.admit`, a 429 decided before any tokenising), tokenises its
+request, then submits its items (one text each) and awaits the result. One asyncio task, the batching
+loop, owns the queue: as soon as the runtime is free it picks the next batch and runs it in one
+`InferenceSession.run` on a dedicated thread. While that runs the event loop keeps accepting and
+tokenising requests, which form the next batch.
+
+Fairness: queued requests wait in a round-robin line, least recently served first. A batch looks at
+most `max_batch_size / queued requests` items of each request (at least one), always includes the
+front request's oldest item, and adds the others that pad best with it. So a request of 1,000 texts
+gets its share of every batch, not the runtime: a one-text request that arrives behind it waits for
+about one batch, not for 1,000 texts. Fair per request, not per client: a client that sends many
+requests at once gets a share for each (per-client limits belong to a proxy or rate limiter).
 
 Pure asyncio and numpy: tests drive it with a fake runtime.
 """
@@ -14,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,8 +37,8 @@ from service.settings import BatchLimits
 
 logger = logging.getLogger("service.batcher")
 
-# How many queued items (in arrival order) the loop looks at to pick a batch, in multiples of
-# max_batch_size: enough to group similar lengths, bounded so a long queue costs no more per batch.
+# How many queued items the loop looks at to pick a batch, in multiples of max_batch_size: enough to
+# group similar lengths, bounded so a long queue costs no more per batch.
 LOOKAHEAD_BATCHES = 4
 
 
@@ -52,12 +60,22 @@ class InferenceResult:
 
 
 @dataclass
-class _Request:
+class Reservation:
+    """Queue room held for a request between admission and submission (while it is tokenised)."""
+
+    items: int
+    tokens: int
+    held: bool = True
+
+
+@dataclass(eq=False)
+class QueuedRequest:
     future: asyncio.Future[InferenceResult]
     deadline: float  # loop time
     enqueued_at: float
     outputs: list[ItemOutput | None]
-    remaining: int
+    remaining: int  # items without an output yet
+    pending: deque["_Item"] = field(default_factory=deque)  # items not yet picked for a batch
     started_at: float | None = None
 
     def deliver(self, index: int, output: ItemOutput, finished_at: float) -> None:
@@ -75,9 +93,9 @@ class _Request:
             self.future.set_exception(error)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
-    request: _Request
+    request: QueuedRequest
     index: int  # position in the request's inputs
     token_ids: list[int] = field(repr=False)
 
@@ -86,10 +104,14 @@ class _Item:
         return len(self.token_ids)
 
 
+def _timeout_error() -> ServiceError:
+    return ServiceError(ErrorType.TIMEOUT, "the request deadline passed before its batch ran")
+
+
 def pick_batch(
     items: list[_Item], max_batch_tokens: int, max_batch_size: int, max_padding: float = 1.0
 ) -> list[_Item]:
-    """Choose the batch from `items` (arrival order): always the oldest item, so nothing starves, plus
+    """Choose the batch from `items` (the scheduling order): always the first item, so nothing starves, plus
     neighbours in length order, each time the one that adds the least padding, while the batch's padded
     size (items x longest) stays within max_batch_tokens, its item count within max_batch_size, and its
     padding (the share of padded tokens that are padding) within max_padding."""
@@ -123,27 +145,43 @@ def pick_batch(
 
 class Batcher:
     def __init__(
-        self, runtime: Runtime, limits: BatchLimits, max_queue_items: int, pad_id: int, metrics: Metrics
+        self,
+        runtime: Runtime,
+        limits: BatchLimits,
+        max_queue_items: int,
+        max_queue_tokens: int,
+        pad_id: int,
+        metrics: Metrics,
     ) -> None:
         self._runtime = runtime
         self.limits = limits
         self._max_queue_items = max_queue_items
+        self._max_queue_tokens = max_queue_tokens
         self._pad_id = pad_id
         self._metrics = metrics
-        self._queue: deque[_Item] = deque()
+        # Requests with items still to pick, least recently served first (the round-robin line).
+        self._line: deque[QueuedRequest] = deque()
+        self._queued_items = 0
+        self._queued_tokens = 0
+        self._reserved_items = 0  # admitted requests being tokenised, counted before they queue
+        self._reserved_tokens = 0
+        self._arriving = 0
         self._wake = asyncio.Event()
-        self._arriving = 0  # requests being tokenised that will enqueue shortly
         self._running = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
 
     @property
     def queued_items(self) -> int:
-        return len(self._queue)
+        return self._queued_items
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
 
     @property
     def idle(self) -> bool:
-        return not self._queue and not self._running
+        return not self._line and not self._running
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batching-loop")
@@ -153,48 +191,100 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for item in self._queue:
-            item.request.fail(ServiceError(ErrorType.UNHEALTHY, "the service is shutting down"))
-        self._queue.clear()
-        self._metrics.queue_items.set(0)
+        for request in list(self._line):
+            request.fail(ServiceError(ErrorType.UNHEALTHY, "the service is shutting down"))
+            self._drop(request)
         self._executor.shutdown(wait=False)  # a run in progress ends on its own
 
+    def _check_room(self, items: int, tokens: int) -> None:
+        # An empty queue takes any one request, so a request larger than max_queue_tokens is slow but
+        # never refused forever.
+        held_items = self._queued_items + self._reserved_items
+        held_tokens = self._queued_tokens + self._reserved_tokens
+        if held_items > 0 and (
+            held_items + items > self._max_queue_items or held_tokens + tokens > self._max_queue_tokens
+        ):
+            raise ServiceError(ErrorType.OVERLOADED, "the queue is full, retry later")
+
     @contextlib.contextmanager
-    def arriving(self) -> Iterator[None]:
-        """Announce a request that is being tokenised, so that with max_wait_ms > 0 the loop may wait
-        for it; a lone request on an idle server announces nobody else and never waits."""
+    def admit(self, items: int, tokens: int) -> Iterator[Reservation]:
+        """Hold queue room for a request about to be tokenised: `items` texts of at most `tokens` tokens
+        in all. Raises OVERLOADED at once if the queue cannot take them, so a 429 costs no tokenising.
+        The room is released on exit unless `submit` took it over. While held, the request counts as
+        arriving: with max_wait_ms > 0 the loop may wait for it (a lone request on an idle server
+        announces nobody else and never waits)."""
+        self._check_room(items, tokens)
+        reservation = Reservation(items, tokens)
+        self._reserved_items += items
+        self._reserved_tokens += tokens
         self._arriving += 1
         try:
-            yield
+            yield reservation
         finally:
             self._arriving -= 1
+            self._release(reservation)
 
-    async def infer(self, token_ids: list[list[int]], deadline: float) -> InferenceResult:
-        """Queue one request's items and wait for all of them. Raises ServiceError: OVERLOADED when the
-        queue is full, TIMEOUT when the deadline (loop time) passes, BACKEND when its batch failed.
-        Cancelling the caller (client gone) drops its items that have not run yet."""
-        if len(self._queue) + len(token_ids) > self._max_queue_items:
-            raise ServiceError(ErrorType.OVERLOADED, "the queue is full, retry later")
+    def _release(self, reservation: Reservation) -> None:
+        if reservation.held:
+            reservation.held = False
+            self._reserved_items -= reservation.items
+            self._reserved_tokens -= reservation.tokens
+
+    def submit(
+        self, token_ids: Sequence[list[int]], deadline: float, reservation: Reservation | None = None
+    ) -> QueuedRequest:
+        """Queue one request's items (taking over its reservation, if any); `wait` gives the result.
+        Without a reservation, raises OVERLOADED when the queue cannot take them."""
+        if reservation is None:
+            self._check_room(len(token_ids), sum(len(ids) for ids in token_ids))
+        else:
+            self._release(reservation)
         loop = asyncio.get_running_loop()
-        request = _Request(
+        request = QueuedRequest(
             future=loop.create_future(),
             deadline=deadline,
             enqueued_at=loop.time(),
             outputs=[None] * len(token_ids),
             remaining=len(token_ids),
         )
-        self._queue.extend(_Item(request, index, ids) for index, ids in enumerate(token_ids))
-        self._metrics.queue_items.set(len(self._queue))
+        request.pending.extend(_Item(request, index, ids) for index, ids in enumerate(token_ids))
+        self._line.append(request)
+        self._queued_items += len(token_ids)
+        self._queued_tokens += sum(len(ids) for ids in token_ids)
+        self._publish_queue()
         self._wake.set()
+        return request
+
+    async def wait(self, request: QueuedRequest) -> InferenceResult:
+        """The submitted request's result. Raises ServiceError: TIMEOUT when the deadline (loop time)
+        passes, BACKEND when its batch failed. Cancelling the caller (client gone) drops its items that
+        have not run yet."""
         try:
-            async with asyncio.timeout_at(deadline):
-                # Awaiting the future directly: a timeout or a cancelled caller cancels it, and the
-                # loop skips the items of a cancelled request.
+            async with asyncio.timeout_at(request.deadline):
+                # Awaiting the future directly: a timeout or a cancelled caller cancels it.
                 return await request.future
         except TimeoutError:
-            raise ServiceError(
-                ErrorType.TIMEOUT, "the request deadline passed before its batch ran"
-            ) from None
+            raise _timeout_error() from None
+        finally:
+            if request.pending:
+                self._drop(request)
+
+    async def infer(self, token_ids: Sequence[list[int]], deadline: float) -> InferenceResult:
+        """submit, then wait: for callers that tokenised without a reservation."""
+        return await self.wait(self.submit(token_ids, deadline))
+
+    def _drop(self, request: QueuedRequest) -> None:
+        """Take a request's unpicked items out of the queue (it is answered, or nobody waits for it)."""
+        self._queued_items -= len(request.pending)
+        self._queued_tokens -= sum(item.length for item in request.pending)
+        request.pending.clear()
+        with contextlib.suppress(ValueError):
+            self._line.remove(request)
+        self._publish_queue()
+
+    def _publish_queue(self) -> None:
+        self._metrics.queue_items.set(self._queued_items)
+        self._metrics.queue_tokens.set(self._queued_tokens)
 
     async def _loop(self) -> None:
         while True:
@@ -208,37 +298,56 @@ class Batcher:
                 logger.exception("batching loop error, continuing")
 
     async def _next_batch(self) -> list[_Item]:
-        while not self._queue:
+        while not self._line:
             self._wake.clear()
             await self._wake.wait()
         await self._wait_for_arrivals()
-        window = [
-            self._queue.popleft()
-            for _ in range(min(len(self._queue), LOOKAHEAD_BATCHES * self.limits.max_batch_size))
-        ]
-        now = asyncio.get_running_loop().time()
-        live = []
-        for item in window:
-            if item.request.future.done():
-                continue  # timed out, disconnected, or failed with another item
-            if now >= item.request.deadline:
-                item.request.fail(
-                    ServiceError(ErrorType.TIMEOUT, "the request deadline passed before its batch ran")
-                )
-                continue
-            live.append(item)
-        batch = pick_batch(live, *self.limits.budget) if live else []
-        chosen = {id(item) for item in batch}
-        self._queue.extendleft(reversed([item for item in live if id(item) not in chosen]))
-        self._metrics.queue_items.set(len(self._queue))
+        self._drop_expired(asyncio.get_running_loop().time())
+        if not self._line:
+            return []
+        window = self._window()
+        batch = pick_batch(window, *self.limits.budget)
+        served: set[int] = set()
+        for item in batch:
+            item.request.pending.remove(item)  # among the request's first few: a short scan
+            served.add(id(item.request))
+        # Served requests go to the back of the line, in their order; the others move up.
+        waiting = [request for request in self._line if id(request) not in served]
+        again = [request for request in self._line if id(request) in served and request.pending]
+        self._line = deque(waiting + again)
+        self._queued_items -= len(batch)
+        self._queued_tokens -= sum(item.length for item in batch)
+        self._publish_queue()
         return batch
+
+    def _drop_expired(self, now: float) -> None:
+        for request in list(self._line):
+            if request.future.done():  # timed out, disconnected, or failed with another item
+                self._drop(request)
+            elif now >= request.deadline:
+                request.fail(_timeout_error())
+                self._drop(request)
+
+    def _window(self) -> list[_Item]:
+        """The candidates for the next batch, in round-robin order: each request's oldest item from the
+        front of the line backwards, then each one's second, and so on, up to each request's share."""
+        share = max(1, self.limits.max_batch_size // len(self._line))
+        size = LOOKAHEAD_BATCHES * self.limits.max_batch_size
+        window: list[_Item] = []
+        for turn in range(share):
+            for request in self._line:
+                if turn < len(request.pending):
+                    window.append(request.pending[turn])
+                    if len(window) == size:
+                        return window
+        return window
 
     async def _wait_for_arrivals(self) -> None:
         if self.limits.max_wait_ms <= 0:
             return
         loop = asyncio.get_running_loop()
         until = loop.time() + self.limits.max_wait_ms / 1000
-        while self._arriving > 0 and len(self._queue) < self.limits.max_batch_size and loop.time() < until:
+        while self._arriving > 0 and self._queued_items < self.limits.max_batch_size and loop.time() < until:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), until - loop.time())

@@ -3,6 +3,7 @@ service/errors.py (the error table). Rejections are counted by the middleware, f
 
 import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,12 +32,63 @@ async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         decode = exc.__cause__
         message = f"malformed JSON: {decode.msg} at line {decode.lineno} column {decode.colno}"
         return error_response(ServiceError(ErrorType.VALIDATION, message), request.url.path)
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    # ("body", "inputs", 3) -> "inputs.3": the client knows it sent a body.
-    where = ".".join(str(part) for part in first["loc"] if part != "body")
-    param = str(first["loc"][-1]) if first["loc"] else None
-    error = ServiceError(ErrorType.VALIDATION, f"{where}: {first['msg']}" if where else first["msg"], param)
-    return error_response(error, request.url.path)
+    message, field = describe_validation_errors(list(exc.errors()))
+    return error_response(ServiceError(ErrorType.VALIDATION, message, field), request.url.path)
+
+
+JSON_TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "dict": "object"}
+PYTHON_TO_JSON = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    list: "array",
+    dict: "object",
+}
+
+
+def json_type_name(member: str) -> str:
+    """A union member's name as a client reads it: "list[str]" -> "array of strings"."""
+    if member.startswith("list[") and member.endswith("]"):
+        first, _, rest = json_type_name(member[5:-1]).partition(" ")
+        return f"array of {first}s{' ' + rest if rest else ''}"
+    return JSON_TYPE_NAMES.get(member, member)
+
+
+def is_union_member(part: object) -> bool:
+    return isinstance(part, str) and (part in JSON_TYPE_NAMES or "[" in part)
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One message naming the first field at fault, and that field (OpenAI's `param`).
+
+    A union field fails once per member, each error located under the member's name (("inputs", "str"),
+    ("inputs", "list[str]", 0)). The member that got furthest is the one the client meant: its error
+    is reported without the member's name ("inputs.0: ..."); if none got past the type, the message
+    says what was expected ("inputs: expected string or array of strings, got integer")."""
+    if not errors:
+        return "invalid request", None
+    locs = [[part for part in error["loc"] if part != "body"] for error in errors]  # the client knows
+    first, loc = errors[0], locs[0]
+    member_at = next(
+        (position for position, part in enumerate(loc) if position and is_union_member(part)), None
+    )
+    if member_at is not None:
+        members = [
+            index
+            for index, other in enumerate(locs)
+            if other[:member_at] == loc[:member_at]
+            and len(other) > member_at
+            and is_union_member(other[member_at])
+        ]
+        deepest = max(members, key=lambda index: len(locs[index]))
+        if len(locs[deepest]) == member_at + 1:  # every member failed on the type itself
+            expected = " or ".join(json_type_name(str(locs[index][member_at])) for index in members)
+            got = PYTHON_TO_JSON.get(type(first["input"]), "null")
+            return f"{'.'.join(map(str, loc[:member_at]))}: expected {expected}, got {got}", str(loc[0])
+        first, loc = errors[deepest], locs[deepest][:member_at] + locs[deepest][member_at + 1 :]
+    where = ".".join(str(part) for part in loc)
+    return (f"{where}: {first['msg']}" if where else first["msg"]), (str(loc[0]) if loc else None)
 
 
 async def on_http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,10 @@ class ErrorType(Enum):
     # value: (HTTP status, OpenAI error "type", reason label of encoder_rejected_total or None)
     VALIDATION = (422, "invalid_request_error", "validation")
     PAYLOAD_TOO_LARGE = (413, "invalid_request_error", "payload_too_large")
+    # The client was too slow sending its headers or body (header_timeout_s, body_timeout_s).
+    REQUEST_TIMEOUT = (408, "invalid_request_error", "request_timeout")
+    # Not HTTP/1.1 as the parser reads it: a bad Content-Length, chunk framing or request line.
+    MALFORMED_HTTP = (400, "invalid_request_error", "malformed_http")
     OVERLOADED = (429, "rate_limit_error", "queue_full")
     UNAUTHORIZED = (401, "authentication_error", "unauthorized")
     NOT_FOUND = (404, "invalid_request_error", None)
@@ -84,6 +88,9 @@ def error_headers(error: ServiceError) -> dict[str, str]:
         return {"retry-after": str(RETRY_AFTER_SECONDS)}
     if error.error_type is ErrorType.UNAUTHORIZED:
         return {"www-authenticate": "Bearer"}
+    if error.error_type in (ErrorType.REQUEST_TIMEOUT, ErrorType.MALFORMED_HTTP):
+        # The rest of the request may never come, or cannot be told from the next one: close.
+        return {"connection": "close"}
     return {}
 
 

@@ -14,7 +14,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from service.errors import ErrorType
+from service.errors import ErrorType, reject_reason
 
 ROUTES = ("/embed", "/classify", "/v1/embeddings", "/health", "/ready", "/info", "/metrics")
 OTHER_ROUTE = "other"  # unknown paths share one label value, so scanners cannot explode cardinality
@@ -78,6 +78,9 @@ class Metrics:
             registry=registry,
         )
         self.queue_items = Gauge("encoder_queue_items", "Items waiting in the queue", registry=registry)
+        self.queue_tokens = Gauge(
+            "encoder_queue_tokens", "Tokens of the items waiting in the queue", registry=registry
+        )
         self.input_tokens = Counter(
             "encoder_input_tokens", "Tokens of served inputs after truncation", registry=registry
         )
@@ -98,6 +101,14 @@ class Metrics:
             self.requests.labels(route=route, status="200")
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
+
+    def observe_response(self, path: str, status: int, seconds: float) -> None:
+        """Count one answered request: by route and status, its duration, and its rejection reason."""
+        route = path if path in ROUTES else OTHER_ROUTE
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.request_duration.labels(route=route).observe(seconds)
+        if (reason := reject_reason(status)) is not None:
+            self.rejected.labels(reason=reason).inc()
 
     def set_model(self, name: str, version: str, variant: str, provider: str) -> None:
         self.model_info.labels(name=name, version=version, variant=variant, provider=provider).set(1)

@@ -1,19 +1,23 @@
-"""Pure ASGI middleware in front of every route: request metrics, the API key and the payload limit.
+"""Pure ASGI middleware in front of every route: request metrics, the API key, the payload limit and the
+body's deadline.
 
 Every response passes here, so this is the one place that counts requests and rejections
 (encoder_rejected_total, by the reason the error table gives the response's status).
 
 Pure ASGI (not BaseHTTPMiddleware) because it runs on every request and must not add a task hop, and
-because a body over the limit has to be refused while it streams in, before the app reads it.
+because a body over the limit has to be refused while it streams in, before the app reads it. The body
+is read here, under body_timeout_s, and replayed to the app: a client that stops sending gets 408
+instead of holding the request open (the headers' deadline is service/http_protocol.py's).
 """
 
+import asyncio
 import hmac
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from service.errors import ErrorType, ServiceError, error_response_parts, reject_reason
-from service.metrics import OTHER_ROUTE, ROUTES, Metrics
+from service.errors import ErrorType, ServiceError, error_response_parts
+from service.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,11 +30,19 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, api_key: str | None, max_payload_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        api_key: str | None,
+        max_payload_bytes: int,
+        body_timeout_s: float,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
         self.max_payload_bytes = max_payload_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,18 +61,14 @@ class ServiceMiddleware:
         try:
             headers = dict(scope["headers"])
             error = self._check_headers(path, headers)
-            if error is None and b"content-length" not in headers and scope["method"] in ("POST", "PUT"):
-                receive, error = await self._buffer_chunked_body(receive)
+            if error is None and has_body(headers):
+                receive, error = await self._read_body(receive)
             if error is not None:
                 await self.send_error(error, path, send_and_observe)
             else:
                 await self.app(scope, receive, send_and_observe)
         finally:
-            route = path if path in ROUTES else OTHER_ROUTE
-            self.metrics.requests.labels(route=route, status=str(status)).inc()
-            self.metrics.request_duration.labels(route=route).observe(time.perf_counter() - started)
-            if (reason := reject_reason(status)) is not None:
-                self.metrics.rejected.labels(reason=reason).inc()
+            self.metrics.observe_response(path, status, time.perf_counter() - started)
 
     def _check_headers(self, path: str, headers: dict[bytes, bytes]) -> ServiceError | None:
         if self.api_key is not None and path not in OPEN_PATHS:
@@ -79,20 +87,27 @@ class ServiceMiddleware:
             ErrorType.PAYLOAD_TOO_LARGE, f"request body exceeds max_payload_bytes ({self.max_payload_bytes})"
         )
 
-    async def _buffer_chunked_body(self, receive: Receive) -> tuple[Receive, ServiceError | None]:
-        """A body without Content-Length (chunked) is read here, up to the limit, then replayed."""
+    async def _read_body(self, receive: Receive) -> tuple[Receive, ServiceError | None]:
+        """Read the whole body, up to the size limit and within body_timeout_s, then replay it."""
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return receive, None  # client gone: let the app see the disconnect
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_payload_bytes:
-                return receive, self._too_large()
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # gone before the body was complete
+                        return receive, ServiceError(
+                            ErrorType.CLIENT_DISCONNECTED, "the client closed the connection"
+                        )
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_payload_bytes:  # a chunked body declares no size up front
+                        return receive, self._too_large()
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            message = f"the request body did not arrive within body_timeout_s ({self.body_timeout_s:g} s)"
+            return receive, ServiceError(ErrorType.REQUEST_TIMEOUT, message)
         replayed = False
 
         async def replay() -> Message:
@@ -108,3 +123,10 @@ class ServiceMiddleware:
         status, headers, body = error_response_parts(error, path)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def has_body(headers: dict[bytes, bytes]) -> bool:
+    declared = headers.get(b"content-length")
+    if declared is not None:
+        return declared != b"0"
+    return b"transfer-encoding" in headers

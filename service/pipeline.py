@@ -99,31 +99,40 @@ async def encode(state: ServiceState, request: Request, texts: list[str], trunca
     deadline = loop.time() + state.settings.request_timeout_s
     state.in_flight += 1
     try:
-        with batcher.arriving():
+        # Admission first: a full queue answers 429 before any tokenising (Batcher.admit).
+        with batcher.admit(len(texts), model.tokenizer.token_bound(texts)) as reservation:
             tokenize_started = time.perf_counter()
-            tokenized = await asyncio.to_thread(model.tokenizer.encode, texts)
+            try:
+                async with asyncio.timeout_at(deadline):  # the deadline covers tokenising too
+                    tokenized = await asyncio.to_thread(model.tokenizer.encode, texts)
+            except TimeoutError:
+                raise ServiceError(
+                    ErrorType.TIMEOUT, "the request deadline passed while its inputs were tokenised"
+                ) from None
             tokenize_seconds = time.perf_counter() - tokenize_started
-        state.metrics.tokenize_duration.observe(tokenize_seconds)
-        if not truncate and any(tokenized.truncated):
-            position = tokenized.truncated.index(True)
-            raise ServiceError(
-                ErrorType.VALIDATION,
-                f"input {position} is longer than max_seq_len ({model.manifest.max_seq_len} tokens) "
-                "and truncate is false",
-            )
-        token_count = sum(len(ids) for ids in tokenized.token_ids)
-        inference = asyncio.ensure_future(batcher.infer(tokenized.token_ids, deadline))
+            state.metrics.tokenize_duration.observe(tokenize_seconds)
+            if not truncate and any(tokenized.truncated):
+                position = tokenized.truncated.index(True)
+                raise ServiceError(
+                    ErrorType.VALIDATION,
+                    f"input {position} is longer than max_seq_len ({model.manifest.max_seq_len} tokens) "
+                    "and truncate is false",
+                )
+            token_count = sum(len(ids) for ids in tokenized.token_ids)
+            queued = batcher.submit(tokenized.token_ids, deadline, reservation)
+        inference = asyncio.ensure_future(batcher.wait(queued))
         disconnect = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             await asyncio.wait((inference, disconnect), return_when=asyncio.FIRST_COMPLETED)
         finally:
             client_gone = not inference.done()
-            # Whichever is still pending goes: a cancelled inference has its queued items dropped.
+            # Whichever is still pending goes: a cancelled request has its queued items dropped.
             inference.cancel()
+            queued.future.cancel()
             disconnect.cancel()
         if client_gone:
             raise ServiceError(ErrorType.CLIENT_DISCONNECTED, "the client closed the connection")
-        result = inference.result()  # raises the request's ServiceError (429, 504, 500)
+        result = inference.result()  # raises the request's ServiceError (504, 500)
         # Counted once served, so that rejected requests (e.g. 429s under overload) do not inflate them.
         state.metrics.input_tokens.inc(token_count)
         state.metrics.truncated_inputs.inc(sum(tokenized.truncated))

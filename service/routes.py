@@ -106,7 +106,7 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, request: Request, stat
     return json_response(content, encoded.timing_headers())
 
 
-# HEAD as well as GET: load balancers probe with HEAD.
+# HEAD as well as GET on the routes that only read: load balancers and monitors probe with HEAD.
 @router.api_route("/health", methods=["GET", "HEAD"], response_model=Status)
 async def health() -> Status:
     return Status(status="ok")
@@ -123,7 +123,7 @@ async def ready(state: State) -> Status:
     return Status(status="ready")
 
 
-@router.get("/info", response_model=Info)
+@router.api_route("/info", methods=["GET", "HEAD"], response_model=Info)
 async def info(state: State) -> Info:
     model, _ = state.ready_model()
     manifest, settings, limits = model.manifest, state.settings, model.limits
@@ -154,6 +154,6 @@ async def info(state: State) -> Info:
     )
 
 
-@router.get("/metrics", response_class=Response)
+@router.api_route("/metrics", methods=["GET", "HEAD"], response_class=Response)
 async def metrics(state: State) -> Response:
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

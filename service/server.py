@@ -12,6 +12,7 @@ import uvicorn
 
 from service.app import create_app
 from service.bundle_loader import load_model
+from service.http_protocol import service_protocol
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -52,6 +53,7 @@ def serve(settings: Settings) -> dict[str, object]:
         host=settings.host,
         port=settings.port,
         access_log=False,  # one log line per request costs more than a small batch; /metrics counts them
+        http=service_protocol(settings.header_timeout_s, app.state.service.metrics),
         timeout_graceful_shutdown=int(settings.request_timeout_s + SHUTDOWN_GRACE_S),
     )
     server = DrainingServer(config, app.state.service)

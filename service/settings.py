@@ -46,11 +46,18 @@ class Settings(BaseSettings):
     # A few seconds of work for the default model on 2 CPU cores (well under the deadline): beyond that a
     # client is better served by a 429 and a retry, possibly on another replica, than by a long wait.
     max_queue_items: int = Field(8192, gt=0)
+    # The same bound in tokens (as tokenised, before padding), so that 8192 long texts do not count as
+    # little as 8192 short ones: 262144 is 8192 texts of 32 tokens, 2048 of 128.
+    max_queue_tokens: int = Field(262_144, gt=0)
     # TEI-like limits that a client will not trip by accident.
     max_client_batch: int = Field(1024, gt=0)
     max_input_chars: int = Field(100_000, gt=0)
     max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
+    # A client that is this slow to send its request is answered 408 and disconnected, so that slow or
+    # stalled senders cannot hold connections open indefinitely (service/http_protocol.py).
+    header_timeout_s: float = Field(10.0, gt=0)  # from the first byte (or the connection) to the headers' end
+    body_timeout_s: float = Field(30.0, gt=0)  # from the headers' end to the body's end
     api_key: str | None = None
     intra_op_threads: int = Field(0, ge=0)  # 0: service.runtime.default_intra_op_threads()
     host: str = "127.0.0.1"

@@ -6,6 +6,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 PAD_TOKENS = ("[PAD]", "<pad>")
+# Special tokens a tokenizer adds around a text ([CLS] ... [SEP], <s> ... </s>): at most two.
+SPECIAL_TOKENS_BOUND = 2
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,29 @@ class TextTokenizer:
             ),
             0,
         )
+        # Only the first max_seq_len tokens are used, yet the tokenizer's time grows with the whole text
+        # (about 2 us a character, overflow included: 0.2 s for 100k characters, BENCHMARKS.md). A token
+        # covers at most its longest vocabulary entry plus a separating space, so twice that per token
+        # keeps every used token; only runs of whitespace or words the vocabulary cannot cover at all
+        # ([UNK]) could reach past the cut. 4096 characters for the default bundle (2 x (15 + 1) per token).
+        longest_entry = max(len(token) for token in self._tokenizer.get_vocab())
+        self.max_chars = max_seq_len * 2 * (longest_entry + 1)
+
+    def token_bound(self, texts: list[str]) -> int:
+        """At most how many tokens `texts` become, before tokenising them: no more than max_seq_len each,
+        and no more than one per character plus the special tokens (WordPiece and Unigram; a byte-level
+        BPE may exceed it for non-Latin text, which only makes admission a little generous)."""
+        return sum(min(self.max_seq_len, len(text) + SPECIAL_TOKENS_BOUND) for text in texts)
 
     def encode(self, texts: list[str]) -> TokenizedInputs:
-        encodings = self._tokenizer.encode_batch(texts)
-        # With truncation on, the cut-off tokens land in `overflowing`: non-empty means truncated.
+        cut = [len(text) > self.max_chars for text in texts]
+        encodings = self._tokenizer.encode_batch([text[: self.max_chars] for text in texts])
+        # With truncation on, the cut-off tokens land in `overflowing`: non-empty means truncated. A text
+        # longer than max_chars has more than max_seq_len tokens anyway.
         return TokenizedInputs(
             token_ids=[encoding.ids for encoding in encodings],
-            truncated=[bool(encoding.overflowing) for encoding in encodings],
+            truncated=[
+                bool(encoding.overflowing) or was_cut
+                for encoding, was_cut in zip(encodings, cut, strict=True)
+            ],
         )

@@ -57,9 +57,12 @@ def limits(max_batch_tokens: int = 1000, max_batch_size: int = 8, max_wait_ms: f
 
 @asynccontextmanager
 async def started(
-    runtime: FakeRuntime, batch_limits: BatchLimits, max_queue_items: int = 1000
+    runtime: FakeRuntime,
+    batch_limits: BatchLimits,
+    max_queue_items: int = 1000,
+    max_queue_tokens: int = 100_000,
 ) -> AsyncIterator[Batcher]:
-    batcher = Batcher(runtime, batch_limits, max_queue_items, PAD_ID, Metrics())
+    batcher = Batcher(runtime, batch_limits, max_queue_items, max_queue_tokens, PAD_ID, Metrics())
     batcher.start()
     try:
         yield batcher
@@ -282,9 +285,10 @@ def test_max_wait_lets_a_batch_wait_for_requests_still_being_tokenised() -> None
             tokenised = asyncio.Event()
 
             async def late_arrival() -> InferenceResult:
-                with batcher.arriving():
+                with batcher.admit(items=1, tokens=4) as reservation:
                     await tokenised.wait()  # tokenising until the test lets it finish
-                return await batcher.infer([item_ids(92, 4)], deadline())
+                    queued = batcher.submit([item_ids(92, 4)], deadline(), reservation)
+                return await batcher.wait(queued)
 
             late = asyncio.create_task(late_arrival())
             await let_tasks_run()  # the late request has announced itself
@@ -302,7 +306,7 @@ def test_max_wait_lets_a_batch_wait_for_requests_still_being_tokenised() -> None
 def test_stop_fails_running_and_queued_requests_as_unhealthy() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()
-        batcher = Batcher(runtime, limits(), 100, PAD_ID, Metrics())
+        batcher = Batcher(runtime, limits(), 100, 10_000, PAD_ID, Metrics())
         batcher.start()
         running = await hold_runtime(batcher, runtime)
         queued = asyncio.create_task(batcher.infer([item_ids(95, 4)], deadline()))
@@ -315,5 +319,90 @@ def test_stop_fails_running_and_queued_requests_as_unhealthy() -> None:
             assert raised.value.error_type is ErrorType.UNHEALTHY
         assert batcher.queued_items == 0
         assert all(95 not in batch for batch in runtime.batches)
+
+    run(scenario)
+
+
+def test_one_text_requests_are_not_starved_by_a_big_request() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(max_batch_size=4)) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            big = asyncio.create_task(
+                batcher.infer([item_ids(marker, 4) for marker in range(100, 200)], deadline())
+            )
+            await let_tasks_run()
+            small = [
+                asyncio.create_task(batcher.infer([item_ids(marker, 4)], deadline())) for marker in (1, 2, 3)
+            ]
+            await let_tasks_run()
+            assert batcher.queued_items == 103
+            runtime.gate.set()
+            results = await asyncio.gather(first, big, *small)
+        # Arrival order would run the 100 big items first (25 batches of 4) and the small ones last. Four
+        # requests share a batch of 4: one item each, so every small request runs in the first batch.
+        assert sorted(runtime.batches[1]) == [1, 2, 3, 100]
+        assert markers(results[1]) == list(range(100, 200))  # the big request still gets all, in order
+        assert sum(len(batch) for batch in runtime.batches) == 104
+
+    run(scenario)
+
+
+def test_requests_take_turns_least_recently_served_first() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(max_batch_size=4)) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            tasks = [
+                asyncio.create_task(
+                    batcher.infer([item_ids(base + index, 4) for index in range(8)], deadline())
+                )
+                for base in (10, 20, 30)
+            ]
+            await let_tasks_run()
+            runtime.gate.set()
+            await asyncio.gather(first, *tasks)
+        # Three requests share batches of 4: each gets its share (4 // 3 = one item) of every batch, so
+        # no request goes a batch without an item while it has items queued.
+        for batch in runtime.batches[1:7]:
+            owners = {marker // 10 for marker in batch}
+            assert owners == {1, 2, 3}, runtime.batches
+
+    run(scenario)
+
+
+def test_admission_refuses_before_any_tokenising_and_releases_its_room() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(), max_queue_items=10, max_queue_tokens=100) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            with batcher.admit(items=8, tokens=40) as reservation:
+                # While the first request is being tokenised its room is held: no second one fits.
+                with pytest.raises(ServiceError) as raised, batcher.admit(items=4, tokens=4):
+                    pass
+                assert raised.value.error_type is ErrorType.OVERLOADED
+                queued = batcher.submit([item_ids(50, 5)] * 8, deadline(), reservation)
+            assert batcher.queued_items == 8 and batcher.queued_tokens == 40
+            # The same bound in tokens: 2 more items fit, 70 more tokens do not.
+            with pytest.raises(ServiceError) as raised, batcher.admit(items=2, tokens=70):
+                pass
+            assert raised.value.error_type is ErrorType.OVERLOADED
+            with batcher.admit(items=2, tokens=10):
+                pass  # released on exit without submitting (a 422 after tokenising, say)
+            with batcher.admit(items=2, tokens=60):
+                pass
+            runtime.gate.set()
+            await first
+            assert markers(await batcher.wait(queued)) == [50] * 8
+        assert batcher.queued_items == 0 and batcher.queued_tokens == 0
+
+    run(scenario)
+
+
+def test_an_empty_queue_takes_a_request_larger_than_its_token_bound() -> None:
+    async def scenario() -> None:
+        async with started(FakeRuntime(), limits(), max_queue_tokens=10) as batcher:
+            result = await batcher.infer([item_ids(61, 8)] * 3, deadline())  # 24 tokens
+        assert markers(result) == [61] * 3
 
     run(scenario)
