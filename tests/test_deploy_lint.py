@@ -5,8 +5,10 @@ and by checking them against the service they deploy (metric names, routes, sett
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +191,46 @@ def test_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
         "-g",
         f"pid {tmp_path / 'nginx.pid'}; error_log stderr;",
     )
+
+
+def test_nginx_closes_a_connection_whose_headers_stall(tmp_path: Path) -> None:
+    from service.process import free_port
+    from service.settings import Settings
+
+    shipped = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    header_timeout = re.search(r"client_header_timeout (\d+)s;", shipped)
+    body_timeout = re.search(r"client_body_timeout (\d+)s;", shipped)
+    assert header_timeout and body_timeout and "proxy_request_buffering on;" in shipped
+    # No looser than the service's own deadlines, which hold when it is reached directly.
+    assert int(header_timeout.group(1)) <= Settings().header_timeout_s
+    assert int(body_timeout.group(1)) <= Settings().body_timeout_s
+    # The shipped config on a free port with a 1 s header deadline (the shipped 10 s would only slow the
+    # test down); every other directive as shipped.
+    port = free_port()
+    conf = shipped.replace("encoder-replica:8000", "127.0.0.1:9").replace(
+        "listen 8080;", f"listen 127.0.0.1:{port};"
+    )
+    conf = conf.replace(header_timeout.group(0), "client_header_timeout 1s;")
+    conf = conf.replace("access_log /dev/stdout", f"access_log {tmp_path / 'access.log'}")
+    (tmp_path / "nginx.conf").write_text(conf)
+    args = [system_tool("nginx"), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")]
+    args += ["-g", f"daemon off; pid {tmp_path / 'nginx.pid'}; error_log stderr;"]
+    nginx = subprocess.Popen(args, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until nginx listens
+            try:
+                connection = socket.create_connection(("127.0.0.1", port), timeout=60)
+                break
+            except ConnectionRefusedError:
+                assert nginx.poll() is None and time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.05)
+        with connection:
+            connection.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Ty")  # and nothing more
+            assert connection.recv(65536) == b""  # closed by nginx, not by the socket's 60 s timeout
+    finally:
+        nginx.terminate()
+        nginx.wait(30)
 
 
 def test_grafana_dashboard_is_importable() -> None:

@@ -65,6 +65,8 @@ def test_error_table_matches_the_design() -> None:
         "Timeout": 504,
         "Unhealthy": 503,
         "Backend": 500,
+        "RequestTimeout": 408,
+        "MalformedHttp": 400,
     }
     assert {error.tei_name: error.status for error in ErrorType if error.tei_name in expected} == expected
 
@@ -74,7 +76,7 @@ def test_each_status_has_one_row_and_one_reject_reason() -> None:
     assert len(statuses) == len(set(statuses))  # the middleware counts rejections by status
     assert reject_reason(429) == "queue_full" and reject_reason(499) == "client_disconnected"
     assert reject_reason(200) is None and reject_reason(404) is None
-    assert ErrorType.for_status(405) is ErrorType.METHOD_NOT_ALLOWED and ErrorType.for_status(400) is None
+    assert ErrorType.for_status(405) is ErrorType.METHOD_NOT_ALLOWED and ErrorType.for_status(418) is None
 
 
 def readme_row(starting_with: str) -> str:
@@ -120,3 +122,37 @@ def test_bundle_without_classifier_serves_embed_only(tiny_bundle_no_classifier: 
         refused = client.post("/classify", json={"inputs": "a cat"})
         assert refused.status_code == 422 and refused.json()["error_type"] == "Validation"
         assert client.get("/info").json()["labels"] == []
+
+
+class RecordingTokenizer:
+    """Passes every call on to the real tokenizer, and records the length of each text it was given."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+        self.lengths: list[int] = []
+
+    def encode_batch(self, texts: list[str]) -> list[object]:
+        self.lengths += [len(text) for text in texts]
+        return self.tokenizer.encode_batch(texts)  # type: ignore[attr-defined]
+
+
+def test_the_tokenizer_sees_at_most_max_chars_and_the_used_tokens_do_not_change(tiny_bundle: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from service.tokenization import TextTokenizer
+
+    max_seq_len = 32
+    tokenizer = TextTokenizer(tiny_bundle / "tokenizer.json", max_seq_len)
+    recording = RecordingTokenizer(tokenizer._tokenizer)
+    tokenizer._tokenizer = recording  # type: ignore[assignment]
+    uncut = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
+    uncut.no_padding()
+    uncut.enable_truncation(max_seq_len)
+    words = "the dog sees the garden and a cat holds a wooden box near the river bank "
+    texts = [words * 5000, "a cat", words * 2]  # 370,000 characters, then two that need no cut
+    encoded = tokenizer.encode(texts)
+    assert recording.lengths == [tokenizer.max_chars, 5, len(texts[2])] and tokenizer.max_chars < 10_000
+    assert encoded.token_ids == [encoding.ids for encoding in uncut.encode_batch(texts)]
+    assert encoded.truncated == [True, False, True]
+    # The admission estimate before tokenising: no more than max_seq_len, nor one per character + 2.
+    assert tokenizer.token_bound(texts) == max_seq_len + len("a cat") + 2 + max_seq_len
