@@ -35,8 +35,14 @@ def main() -> None:
     run = load_run(args.run)
     encoder = run.build_encoder().train()
     task = ContrastiveTask(
-        read_pairs(args.pairs, limit=20_000), load_tokenizer(run.tokenizer_path), encoder,
-        torch.device("cpu"), batch_size=64, temperature=0.05, seed=0, symmetric=True,
+        read_pairs(args.pairs, limit=20_000),
+        load_tokenizer(run.tokenizer_path),
+        encoder,
+        torch.device("cpu"),
+        batch_size=64,
+        temperature=0.05,
+        seed=0,
+        symmetric=True,
     )
     optimizer = torch.optim.AdamW(optimizer_groups(encoder, 0.01), lr=1e-5)
 
@@ -62,12 +68,16 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             if step > 0:  # the first step warms both up
                 seconds[name] += time.perf_counter() - started
-    print(json.dumps({
-        "seconds_per_step": {name: round(value / args.steps, 3) for name, value in seconds.items()},
-        "speedup": round(seconds["padded"] / seconds["chunked"], 2),
-        "threads": args.threads,
-        "load_average_1min": os.getloadavg()[0],
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds_per_step": {name: round(value / args.steps, 3) for name, value in seconds.items()},
+                "speedup": round(seconds["padded"] / seconds["chunked"], 2),
+                "threads": args.threads,
+                "load_average_1min": os.getloadavg()[0],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

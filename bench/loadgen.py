@@ -64,6 +64,7 @@ class LoadResult:
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    p99_ms_by_status: dict[str, float]
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -80,6 +81,7 @@ async def _connection(
     stop_at: float,
     latencies: list[float],
     statuses: Counter[str],
+    by_status: dict[str, list[float]],
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     turn = 0
@@ -99,6 +101,7 @@ async def _connection(
                     length = int(value)
             await reader.readexactly(length)
             latencies.append(time.perf_counter() - started)
+            by_status.setdefault(status, []).append(latencies[-1])
             statuses[status] += 1
             if b"connection: close" in head.lower():
                 writer.close()
@@ -127,13 +130,16 @@ async def run_load(
     ]
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
+    by_status: dict[str, list[float]] = {}
     budget = [requests]
     started = time.perf_counter()
     stop_at = started + duration_s
     # Each connection starts at a different request so concurrent requests carry different texts.
     await asyncio.gather(
         *(
-            _connection(host, port, encoded[index:] + encoded[:index], budget, stop_at, latencies, statuses)
+            _connection(
+                host, port, encoded[index:] + encoded[:index], budget, stop_at, latencies, statuses, by_status
+            )
             for index in range(concurrency)
         )
     )
@@ -152,6 +158,9 @@ async def run_load(
         p50_ms=round(percentile(done, 0.50) * 1000, 2),
         p90_ms=round(percentile(done, 0.90) * 1000, 2),
         p99_ms=round(percentile(done, 0.99) * 1000, 2),
+        p99_ms_by_status={
+            status: round(percentile(sorted(values), 0.99) * 1000, 2) for status, values in by_status.items()
+        },
     )
 
 

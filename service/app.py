@@ -62,5 +62,6 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
         api_key=settings.api_key,
         max_payload_bytes=settings.max_payload_bytes,
         body_timeout_s=settings.body_timeout_s,
+        saturated=state.saturated,
     )
     return app

@@ -196,6 +196,14 @@ class Batcher:
             self._drop(request)
         self._executor.shutdown(wait=False)  # a run in progress ends on its own
 
+    @property
+    def saturated(self) -> bool:
+        """Whether the queue is full already, so that no request can be admitted (a 429 needs no body)."""
+        return (
+            self._queued_items + self._reserved_items >= self._max_queue_items
+            or self._queued_tokens + self._reserved_tokens >= self._max_queue_tokens
+        )
+
     def _check_room(self, items: int, tokens: int) -> None:
         # An empty queue takes any one request, so a request larger than max_queue_tokens is slow but
         # never refused forever.

@@ -24,6 +24,10 @@ class ServiceState:
     def drained(self) -> bool:
         return self.in_flight == 0 and (self.batcher is None or self.batcher.idle)
 
+    def saturated(self) -> bool:
+        """Whether the queue is full, so that an inference request can be refused (429) unread."""
+        return self.batcher is not None and self.batcher.saturated
+
     def ready_model(self) -> tuple[LoadedModel, Batcher]:
         """The model and batcher that take new work; 503 while loading or draining."""
         if self.draining:

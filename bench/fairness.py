@@ -1,0 +1,152 @@
+"""Fair scheduling and admission under mixed load, measured side by side in one run (issue 11).
+
+    python bench/fairness.py --bundle bundles/default
+
+One service (`encoder serve`, defaults) and three measurements:
+
+1. Fairness. Eight clients send one-text requests back to back, first alone (the baseline), then
+   while one more client sends 1,000-text requests back to back; then the big client alone. Reports
+   the small clients' p50/p99 and requests/s in both phases, and total texts/s (small + big).
+   Targets: with the big client, the small clients' p99 stays within 3x the baseline's and total
+   texts/s does not drop more than 10%.
+2. Flood. Many connections send 1,000-text requests at once, far beyond the queue: reports how fast
+   a 429 is answered (p50/p99), which is decided before any tokenising.
+3. Deadline. With a 1 s request deadline, one request of 1,024 inputs of 4,000 characters (seconds
+   of tokenising): reports when its 504 arrives.
+
+Lengths are counted in requests. Prints a Markdown table and, as its last line, the result as one JSON
+object.
+"""
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+from loadgen import LoadResult, make_texts, run_load
+
+from service.process import ServiceProcess
+
+BIG_TEXTS = 1000
+
+
+async def big_client(url: str, texts: list[str], stop: asyncio.Event) -> tuple[int, float]:
+    """1,000-text requests back to back until `stop`; texts served and the seconds it ran."""
+    served, started = 0, time.perf_counter()
+    async with httpx.AsyncClient(timeout=300) as client:
+        while not stop.is_set():
+            response = await client.post(f"{url}/embed", json={"inputs": texts})
+            assert response.status_code == 200, response.text
+            served += len(texts)
+    return served, time.perf_counter() - started
+
+
+async def small_with_big(
+    url: str, small_requests: int, big_texts: list[str]
+) -> tuple[LoadResult, int, float]:
+    stop = asyncio.Event()
+    big = asyncio.create_task(big_client(url, big_texts, stop))
+    await asyncio.sleep(1.0)  # let the big client's first request fill the queue before the small start
+    small = await run_load(url, 8, 1, requests=small_requests, duration_s=3600)
+    stop.set()
+    served, seconds = await big
+    return small, served, seconds
+
+
+def fairness(url: str, small_requests: int, big_requests: int) -> dict[str, object]:
+    big_texts = make_texts(BIG_TEXTS, seed=7)
+    baseline = asyncio.run(run_load(url, 8, 1, requests=small_requests, duration_s=3600))
+    mixed, big_served, big_seconds = asyncio.run(small_with_big(url, small_requests, big_texts))
+    alone = asyncio.run(run_load(url, 1, BIG_TEXTS, requests=big_requests, duration_s=3600))
+    # Total texts/s with the big client: the small clients' texts in their window plus the big client's
+    # over its own (slightly longer: it finishes its last request).
+    mixed_total = mixed.texts_per_s + big_served / big_seconds
+    return {
+        "baseline": asdict(baseline),
+        "with_big_client": asdict(mixed),
+        "big_client_texts_per_s": round(big_served / big_seconds, 1),
+        "big_client_alone": asdict(alone),
+        "p99_ratio": round(mixed.p99_ms / baseline.p99_ms, 2),
+        "total_texts_per_s": {"baseline": baseline.texts_per_s, "with_big_client": round(mixed_total, 1)},
+        "total_ratio": round(mixed_total / baseline.texts_per_s, 2),
+    }
+
+
+def embed_duration_buckets(url: str) -> dict[str, float]:
+    """encoder_request_duration_seconds for /embed: cumulative count per upper bound (the server's own
+    time, from the middleware to the response, without the wait for the event loop before it)."""
+    buckets = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("encoder_request_duration_seconds_bucket") and 'route="/embed"' in line:
+            bound = line.split('le="')[1].split('"')[0]
+            buckets[bound] = float(line.split()[-1])
+    return buckets
+
+
+def flood(url: str, connections: int, requests: int) -> dict[str, object]:
+    before = embed_duration_buckets(url)
+    result = asyncio.run(run_load(url, connections, BIG_TEXTS, requests=requests, duration_s=3600))
+    after = embed_duration_buckets(url)
+    counts = {bound: after[bound] - before[bound] for bound in after}
+    total = counts["+Inf"]
+    server_side = {
+        f"<= {float(bound) * 1000:g} ms": round(counts[bound] / total, 3)
+        for bound in ("0.005", "0.01", "0.025")
+    }
+    return {"client_side": asdict(result), "server_side_share_within": server_side}
+
+
+def deadline(bundle: Path) -> dict[str, object]:
+    texts = [" ".join(make_texts(40, seed=index))[:4000] for index in range(1024)]
+    with ServiceProcess(bundle, request_timeout_s=1) as service:
+        started = time.perf_counter()
+        response = httpx.post(f"{service.base_url}/embed", json={"inputs": texts}, timeout=300)
+        seconds = time.perf_counter() - started
+    return {"status": response.status_code, "seconds": round(seconds, 2), "body": response.json()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path("bundles/default"))
+    parser.add_argument("--small-requests", type=int, default=2000, help="one-text requests per phase")
+    parser.add_argument("--big-requests", type=int, default=4, help="1,000-text requests, big client alone")
+    parser.add_argument("--flood-connections", type=int, default=64)
+    parser.add_argument("--flood-requests", type=int, default=640)
+    args = parser.parse_args()
+    with ServiceProcess(args.bundle) as service:
+        fair = fairness(service.base_url, args.small_requests, args.big_requests)
+        flooded = flood(service.base_url, args.flood_connections, args.flood_requests)
+    late = deadline(args.bundle)
+    base, mixed = fair["baseline"], fair["with_big_client"]
+    assert isinstance(base, dict) and isinstance(mixed, dict)
+    print("| 8 one-text clients | p50 ms | p99 ms | requests/s | total texts/s |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| alone | {base['p50_ms']} | {base['p99_ms']} | {base['requests_per_s']} | {base['texts_per_s']} |"
+    )
+    total = fair["total_texts_per_s"]
+    assert isinstance(total, dict)
+    print(
+        f"| + one client of {BIG_TEXTS}-text requests | {mixed['p50_ms']} | {mixed['p99_ms']} "
+        f"| {mixed['requests_per_s']} | {total['with_big_client']} |"
+    )
+    print(
+        f"\np99 ratio {fair['p99_ratio']} (target <= 3), total texts/s ratio {fair['total_ratio']} (>= 0.9)"
+    )
+    client_side = flooded["client_side"]
+    assert isinstance(client_side, dict)
+    print(
+        f"flood: {client_side['requests']} requests, statuses 200: {client_side['ok']}, others "
+        f"{client_side['errors']}, p50 {client_side['p50_ms']} ms, p99 by status (ms) "
+        f"{client_side['p99_ms_by_status']}; server side, share answered within "
+        f"{flooded['server_side_share_within']}"
+    )
+    print(f"deadline 1 s, 1024 x 4000 characters: {late['status']} after {late['seconds']} s")
+    print(json.dumps({"fairness": fair, "flood": flooded, "deadline": late}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
