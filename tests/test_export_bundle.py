@@ -133,3 +133,49 @@ def test_export_refuses_unknown_variant(tiny_runs: Any, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="variants must include fp32"):
         write_bundle(source, tmp_path / "b", ExportOptions(variants=["fp32", "bf16"]), lambda _: None)
     assert not (tmp_path / "b").exists()
+
+
+def test_lexical_channel_exports_through_the_gates(tiny_runs: Any, tmp_path: Path) -> None:
+    """An embed run with a lexical sketch: the graph computes the unit-norm hybrid embedding, the fp32
+    and int8 gates pass, and texts sharing rare words come out closer than the encoder alone puts them."""
+    import torch
+
+    from export.bundle_writer import ExportOptions, write_bundle
+    from export.run_source import source_from_run
+    from model.lexical import LexicalSketch
+    from model.run import load_run, save_run
+
+    embed = load_run(tiny_runs.embed_run)
+    idf = torch.linspace(0.5, 3.0, embed.config.vocab_size)
+    idf[:5] = 0.0
+    run = save_run(
+        tmp_path / "run",
+        kind="embed",
+        config=embed.config,
+        weights=embed.weights,
+        tokenizer_path=embed.tokenizer_path,
+        normalize=True,
+        sketch=LexicalSketch(idf, dim=16, seed=1),
+        sketch_weight=4.0,
+    )
+    bundle = tmp_path / "bundle"
+    write_bundle(
+        source_from_run(run, name="lexical"),
+        bundle,
+        ExportOptions(variants=["fp32", "int8"]),
+        lambda _: None,
+    )
+    manifest = verify_bundle(bundle)
+    assert manifest.embedding.dim == 32 + 16
+    assert manifest.variants["fp32"].parity["max_abs_diff_texts"] <= 1e-4
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    texts = ["the wolf howls at night", "a wolf howls", "we cook rice for dinner"]
+    encodings = [tokenizer.encode(text).ids for text in texts]
+    width = max(map(len, encodings))
+    ids = np.array([row + [0] * (width - len(row)) for row in encodings], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    session = onnxruntime.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    (embedding,) = session.run(None, {"input_ids": ids, "attention_mask": mask})
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+    lexical = embedding[:, 32:] / np.linalg.norm(embedding[:, 32:], axis=1, keepdims=True)
+    assert lexical[0] @ lexical[1] > lexical[0] @ lexical[2] + 0.3
