@@ -9,7 +9,8 @@
    as one batch is the ceiling latency.
 2. The service (`encoder serve`, defaults) and the service with batching off
    (max_batch_size=1), both started once, measured at each concurrency in turn (interleaved, so that
-   both see the same background load), with bench/loadgen.py.
+   both see the same background load), with bench/loadgen.py, for each request shape (texts per
+   request: one, the way TEI-style clients call, and 8), with the server's CPU use in cores.
 
 Prints a Markdown table and, as its last line, the result as one JSON object. ENCODER_* variables
 (e.g. ENCODER_PROVIDER=cuda) apply to the ceiling and to both services.
@@ -96,26 +97,41 @@ def mean_batch_size(base_url: str) -> tuple[float, float]:
     return values["encoder_batch_size_sum"], values["encoder_batch_size_count"]
 
 
-def measure(base_url: str, concurrency: int, texts_per_request: int, duration_s: float) -> dict[str, object]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads included (/proc/PID/stat fields 14, 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    service: ServiceProcess, concurrency: int, texts_per_request: int, duration_s: float
+) -> dict[str, object]:
+    base_url = service.base_url
     asyncio.run(run_load(base_url, concurrency, texts_per_request, duration_s=min(1.0, duration_s)))  # warm
     items_before, batches_before = mean_batch_size(base_url)
+    cpu_before, wall_before = cpu_seconds(service.process.pid), time.perf_counter()
     result: LoadResult = asyncio.run(
         run_load(base_url, concurrency, texts_per_request, duration_s=duration_s)
     )
+    cores = (cpu_seconds(service.process.pid) - cpu_before) / (time.perf_counter() - wall_before)
     items_after, batches_after = mean_batch_size(base_url)
     batches = batches_after - batches_before
-    return asdict(result) | {"mean_batch_size": round((items_after - items_before) / max(batches, 1), 1)}
+    return asdict(result) | {
+        "mean_batch_size": round((items_after - items_before) / max(batches, 1), 1),
+        "server_cores": round(cores, 2),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=REPO_ROOT / "bundles" / "default")
-    parser.add_argument("--texts-per-request", type=int, default=8)
+    parser.add_argument("--texts-per-request", default="1,8", help="request shapes, comma-separated")
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="seconds per batch size")
     args = parser.parse_args()
     concurrencies = [int(value) for value in args.concurrency.split(",")]
+    shapes = [int(value) for value in args.texts_per_request.split(",")]
 
     # The ceiling gets every advantage: ONNX Runtime's own default (one thread per CPU) or the
     # service's (one fewer), whichever is faster, at its best batch size.
@@ -129,9 +145,11 @@ def main() -> None:
     best_threads, best_size, rates = best_configuration(models, by_length, args.ceiling_seconds)
     model = models[best_threads]
     configurations = {"batching": {}, "batching_off": {"max_batch_size": 1}}
-    results: dict[str, dict[int, dict[str, object]]] = {name: {} for name in configurations}
+    results: dict[str, dict[str, dict[int, dict[str, object]]]] = {
+        name: {str(shape): {} for shape in shapes} for name in configurations
+    }
     ceilings: dict[int, float] = {}
-    latencies: dict[int, float] = {}
+    latencies: dict[str, float] = {}
     services = {name: ServiceProcess(args.bundle, **overrides) for name, overrides in configurations.items()}
     try:
         for service in services.values():
@@ -139,47 +157,53 @@ def main() -> None:
         # Interleaved: the ceiling and both services take turns at each step, under the same load.
         for concurrency in concurrencies:
             ceilings[concurrency] = round(ceiling_rate(model, by_length, best_size, args.duration), 1)
-            latencies[concurrency] = min(
-                ceiling_latency_ms(each, texts, args.texts_per_request) for each in models.values()
-            )
-            for name, service in services.items():
-                results[name][concurrency] = measure(
-                    service.base_url, concurrency, args.texts_per_request, args.duration
-                )
+            for shape in shapes:
+                if concurrency == min(concurrencies):
+                    latencies[str(shape)] = min(
+                        ceiling_latency_ms(each, texts, shape) for each in models.values()
+                    )
+                for name, service in services.items():
+                    results[name][str(shape)][concurrency] = measure(
+                        service, concurrency, shape, args.duration
+                    )
     finally:
         for service in services.values():
             service.stop()
 
     print(
         f"\nbundle {args.bundle} ({model.manifest.name}, {model.variant} on {model.runtime.provider}), "
-        f"{args.texts_per_request} texts per request, {args.duration:.0f} s per point\n"
+        f"{args.duration:.0f} s per point\n"
     )
-    top_latency = latencies[min(concurrencies)]
     print(
         f"ceiling: raw ONNX Runtime in-process, length-sorted batches of {best_size}, {best_threads} "
         f"intra-op threads (the best of {rates} texts/s): {statistics.median(ceilings.values()):.0f} "
-        f"texts/s, median of the interleaved measurements; one request's {args.texts_per_request} texts as "
-        f"one batch: {top_latency} ms (measured just before concurrency {min(concurrencies)})\n"
+        f"texts/s, median of the interleaved measurements; one request's texts as one batch: {latencies} "
+        f"ms by texts per request\n"
     )
-    print(
-        "| concurrency | ceiling texts/s | service texts/s | x ceiling | p50 ms | p99 ms | mean batch "
-        "| off texts/s | on/off |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for concurrency in concurrencies:
-        on, off = results["batching"][concurrency], results["batching_off"][concurrency]
-        on_rate, off_rate = float(on["texts_per_s"]), float(off["texts_per_s"])  # type: ignore[arg-type]
-        top = ceilings[concurrency]
+    for shape in shapes:
+        print(f"\n{shape} texts per request\n")
         print(
-            f"| {concurrency} | {top:.0f} | {on_rate:.0f} | {on_rate / top:.2f} "
-            f"| {on['p50_ms']} | {on['p99_ms']} | {on['mean_batch_size']} | {off_rate:.0f} "
-            f"| {on_rate / max(off_rate, 1e-9):.2f} |"
+            "| concurrency | ceiling texts/s | service texts/s | x ceiling | p50 ms | p99 ms | mean batch "
+            "| server cores | off texts/s | on/off |"
         )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for concurrency in concurrencies:
+            on, off = (
+                results["batching"][str(shape)][concurrency],
+                results["batching_off"][str(shape)][concurrency],
+            )
+            on_rate, off_rate = float(on["texts_per_s"]), float(off["texts_per_s"])  # type: ignore[arg-type]
+            top = ceilings[concurrency]
+            print(
+                f"| {concurrency} | {top:.0f} | {on_rate:.0f} | {on_rate / top:.2f} "
+                f"| {on['p50_ms']} | {on['p99_ms']} | {on['mean_batch_size']} | {on['server_cores']} "
+                f"| {off_rate:.0f} | {on_rate / max(off_rate, 1e-9):.2f} |"
+            )
     summary = {
         "bundle": str(args.bundle),
         "variant": model.variant,
         "provider": model.runtime.provider,
-        "texts_per_request": args.texts_per_request,
+        "texts_per_request": shapes,
         "ceiling": {
             "best_batch_size": best_size,
             "best_intra_op_threads": best_threads,

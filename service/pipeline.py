@@ -18,6 +18,10 @@ from service.bundle_loader import LoadedModel
 from service.errors import ErrorType, ServiceError
 from service.state import ServiceState
 
+# A request with at most this many characters is tokenised on the event loop: that takes a fraction of a
+# millisecond, less than the hop to a worker thread and back (BENCHMARKS.md, "One text per request").
+INLINE_TOKENIZE_CHARS = 1024
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -102,13 +106,16 @@ async def encode(state: ServiceState, request: Request, texts: list[str], trunca
         # Admission first: a full queue answers 429 before any tokenising (Batcher.admit).
         with batcher.admit(len(texts), model.tokenizer.token_bound(texts)) as reservation:
             tokenize_started = time.perf_counter()
-            try:
-                async with asyncio.timeout_at(deadline):  # the deadline covers tokenising too
-                    tokenized = await asyncio.to_thread(model.tokenizer.encode, texts)
-            except TimeoutError:
-                raise ServiceError(
-                    ErrorType.TIMEOUT, "the request deadline passed while its inputs were tokenised"
-                ) from None
+            if sum(len(text) for text in texts) <= INLINE_TOKENIZE_CHARS:
+                tokenized = model.tokenizer.encode(texts)
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):  # the deadline covers tokenising too
+                        tokenized = await asyncio.to_thread(model.tokenizer.encode, texts)
+                except TimeoutError:
+                    raise ServiceError(
+                        ErrorType.TIMEOUT, "the request deadline passed while its inputs were tokenised"
+                    ) from None
             tokenize_seconds = time.perf_counter() - tokenize_started
             state.metrics.tokenize_duration.observe(tokenize_seconds)
             if not truncate and any(tokenized.truncated):

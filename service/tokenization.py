@@ -48,7 +48,13 @@ class TextTokenizer:
 
     def encode(self, texts: list[str]) -> TokenizedInputs:
         cut = [len(text) > self.max_chars for text in texts]
-        encodings = self._tokenizer.encode_batch([text[: self.max_chars] for text in texts])
+        cut_texts = [text[: self.max_chars] for text in texts]
+        # One text (the usual request) skips the batch API's thread-pool dispatch.
+        encodings = (
+            [self._tokenizer.encode(cut_texts[0])]
+            if len(texts) == 1
+            else self._tokenizer.encode_batch(cut_texts)
+        )
         # With truncation on, the cut-off tokens land in `overflowing`: non-empty means truncated. A text
         # longer than max_chars has more than max_seq_len tokens anyway.
         return TokenizedInputs(
