@@ -46,8 +46,20 @@ class Architecture(_Strict):
 class EmbeddingSpec(_Strict):
     dim: int = Field(gt=0)
     pooling: Literal["mean", "cls"] = "mean"
-    normalize: bool = True  # whether /embed normalises by default
+    # Whether the embeddings are meant for cosine similarity (a Normalize module, a contrastive run).
+    # /embed normalises by default whatever this says, as TEI does; normalize=false gives the raw vector.
+    normalize: bool = True
     matryoshka_dims: list[int] = Field(default_factory=list)  # dims trained to be truncated to
+    # sentence-transformers' named prompts ({"query": "query: "}), prepended to a text before it is
+    # tokenised when a request names one; the default one applies when a request names none.
+    prompts: dict[str, str] = Field(default_factory=dict)
+    default_prompt_name: str | None = None
+
+    @model_validator(mode="after")
+    def _default_prompt_known(self) -> "EmbeddingSpec":
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise ValueError(f"default_prompt_name {self.default_prompt_name!r} is not one of the prompts")
+        return self
 
 
 class ClassifierSpec(_Strict):

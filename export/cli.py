@@ -81,6 +81,17 @@ def _add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest accuracy / recall@1 drop vs PyTorch on --eval",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="NAME=TEXT",
+        help="a named prompt that requests can ask for with prompt_name (TEXT goes before each text); "
+        "repeatable; import-hf also takes the folder's sentence-transformers prompts",
+    )
+    parser.add_argument(
+        "--default-prompt-name", metavar="NAME", help="the prompt applied when a request names none"
+    )
 
 
 def _options(args: argparse.Namespace) -> "Any":
@@ -108,11 +119,41 @@ def _refuse_to_overwrite(args: argparse.Namespace) -> None:
         raise ExportError(f"{args.out} already exists (pass --force to replace it)")
 
 
-def _write(source: "Any", args: argparse.Namespace) -> dict[str, Any]:
+def _prompt_flags(args: argparse.Namespace) -> dict[str, str]:
+    # Parsed before the model loads, so that a typo is reported at once.
+    prompts = {}
+    for flag in args.prompt:
+        name, equals, text = flag.partition("=")
+        if not equals or not name:
+            raise ExportError(f"--prompt {flag!r}: expected NAME=TEXT")
+        prompts[name] = text
+    return prompts
+
+
+def _with_prompts(source: "Any", prompts: dict[str, str], default_name: str | None) -> "Any":
+    """The source with the prompts of the flags added to its own (import-hf: the folder's)."""
+    import dataclasses
+
+    from bundle.manifest import EmbeddingSpec
+
+    prompts = source.embedding.prompts | prompts
+    default_name = default_name or source.embedding.default_prompt_name
+    if default_name is not None and default_name not in prompts:
+        raise ExportError(
+            f"--default-prompt-name {default_name!r} is not one of the prompts {sorted(prompts)}"
+        )
+    embedding = EmbeddingSpec(
+        **source.embedding.model_dump() | {"prompts": prompts, "default_prompt_name": default_name}
+    )
+    return dataclasses.replace(source, embedding=embedding)
+
+
+def _write(source: "Any", args: argparse.Namespace, prompts: dict[str, str]) -> dict[str, Any]:
     from tqdm import tqdm
 
     from export.bundle_writer import write_bundle
 
+    source = _with_prompts(source, prompts, args.default_prompt_name)
     options = _options(args)
     # One progress() call per step: export, fp32 parity, fusion, task metric, each reduced variant.
     steps = 2 + bool(options.fuse) + bool(options.eval_data) + len(options.variants) - 1
@@ -129,6 +170,7 @@ def _write(source: "Any", args: argparse.Namespace) -> dict[str, Any]:
         "variants": {name: spec.parity for name, spec in manifest.variants.items()},
         "fusions": manifest.variants["fp32"].fusions,
         "classifier": manifest.classifier.labels if manifest.classifier else None,
+        "prompts": manifest.embedding.prompts,
     }
 
 
@@ -136,15 +178,17 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     from export.run_source import source_from_run
 
     _refuse_to_overwrite(args)
-    return _write(source_from_run(args.model, args.name), args)
+    prompts = _prompt_flags(args)
+    return _write(source_from_run(args.model, args.name), args, prompts)
 
 
 def run_import_hf(args: argparse.Namespace) -> dict[str, Any]:
     from export.hf_import import source_from_hf
 
     _refuse_to_overwrite(args)
+    prompts = _prompt_flags(args)
     normalize = None if args.normalize == "auto" else args.normalize == "true"
     source = source_from_hf(
         args.model, name=args.name, pooling=args.pooling, normalize=normalize, max_seq_len=args.max_seq_len
     )
-    return _write(source, args)
+    return _write(source, args, prompts)

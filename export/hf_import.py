@@ -2,7 +2,8 @@
 
 The transformers model is wrapped with the pooling of the folder's 1_Pooling/config.json (mean or
 CLS), so the exported graph has the same interface as the project's own: pooled, not normalised.
-A Normalize module only sets the bundle's default for /embed. Needs `transformers` (the hf extra).
+A Normalize module only sets the bundle's `normalize` flag; the named prompts of
+config_sentence_transformers.json become the bundle's. Needs `transformers` (the hf extra).
 """
 
 import json
@@ -69,6 +70,23 @@ def sentence_transformers_layout(model_dir: Path) -> tuple[str | None, bool, int
     return pooling, NORMALIZE_MODULE in types, max_seq_length
 
 
+def sentence_transformers_prompts(model_dir: Path) -> tuple[dict[str, str], str | None]:
+    """(prompts, default prompt name) of config_sentence_transformers.json; ({}, None) without one."""
+    config_path = model_dir / "config_sentence_transformers.json"
+    if not config_path.is_file():
+        return {}, None
+    config = json.loads(config_path.read_text())
+    prompts = config.get("prompts") or {}
+    default_name = config.get("default_prompt_name")
+    if not isinstance(prompts, dict) or not all(
+        isinstance(name, str) and isinstance(text, str) for name, text in prompts.items()
+    ):
+        raise ExportError(f"{config_path}: prompts must map names to prompt texts")
+    if default_name is not None and default_name not in prompts:
+        raise ExportError(f"{config_path}: default_prompt_name {default_name!r} is not one of the prompts")
+    return prompts, default_name
+
+
 def _pooling_mode(config: dict[str, Any]) -> str:
     enabled = [key for key, value in config.items() if key.startswith("pooling_mode") and value]
     if enabled == ["pooling_mode_mean_tokens"]:
@@ -112,6 +130,7 @@ def source_from_hf(
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: no config.json (is it a Hugging Face checkpoint directory?)")
     st_pooling, st_normalize, st_max_len = sentence_transformers_layout(model_dir)
+    prompts, default_prompt_name = sentence_transformers_prompts(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
     if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "num_hidden_layers"):
         raise ExportError(f"{model_dir}: {config.model_type} is not a BERT-family encoder")
@@ -134,7 +153,13 @@ def source_from_hf(
             vocab_size=config.vocab_size,
             parameter_count=sum(parameter.numel() for parameter in backbone.parameters()),
         ),
-        embedding=EmbeddingSpec(dim=config.hidden_size, pooling=chosen_pooling, normalize=chosen_normalize),
+        embedding=EmbeddingSpec(
+            dim=config.hidden_size,
+            pooling=chosen_pooling,
+            normalize=chosen_normalize,
+            prompts=prompts,
+            default_prompt_name=default_prompt_name,
+        ),
         source=f"import-hf:{model_dir.resolve().name}",
         training={"imported_from": str(model_dir.resolve()), "sentence_transformers": st_pooling is not None},
     )

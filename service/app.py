@@ -17,6 +17,7 @@ from service.middleware import ServiceMiddleware
 from service.routes import SERVICE_VERSION, router
 from service.settings import Settings
 from service.state import ServiceState
+from service.tokenizer_routes import router as tokenizer_router
 
 logger = logging.getLogger("service.app")
 
@@ -50,11 +51,12 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
     app = FastAPI(
         title="encoder-service",
         version=SERVICE_VERSION,
-        description="Embeddings and classification from an ONNX model bundle, with dynamic batching.",
+        description="Embeddings, classification and tokens from an ONNX model bundle, dynamically batched.",
         lifespan=lifespan,
     )
     app.state.service = state
     app.include_router(router)
+    app.include_router(tokenizer_router)
     install_error_handlers(app)
     app.add_middleware(
         ServiceMiddleware,

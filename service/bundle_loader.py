@@ -22,6 +22,11 @@ class LoadedModel:
     tokenizer: TextTokenizer
     limits: BatchLimits  # the batching settings resolved for the provider in use
 
+    @property
+    def vocab_size(self) -> int:
+        """Token IDs below this are valid inputs: known to the tokenizer and inside the graph's table."""
+        return min(self.tokenizer.vocab_size, self.manifest.architecture.vocab_size)
+
 
 def choose_variant(manifest: Manifest, requested: str, on_cuda: bool) -> str:
     if requested != "auto":

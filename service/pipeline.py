@@ -17,6 +17,10 @@ from service.batcher import InferenceResult
 from service.bundle_loader import LoadedModel
 from service.errors import ErrorType, ServiceError
 from service.state import ServiceState
+from service.tokenization import TextInput, TextTokenizer, TokenizedInputs, TruncationSide
+
+# One model input: a text, a pair of texts (/predict), or token IDs used as given.
+ModelInput = TextInput | list[int]
 
 # A request with at most this many characters is tokenised on the event loop: that takes a fraction of a
 # millisecond, less than the hop to a worker thread and back (BENCHMARKS.md, "One text per request").
@@ -68,23 +72,96 @@ def check_classifier(top_k: int | None, model: LoadedModel) -> ClassifierSpec:
     return classifier
 
 
-def check_inputs(texts: list[str], truncate: bool, state: ServiceState) -> list[str]:
-    """The texts cut to max_input_chars, or 422 if there are too many or one is too long to cut."""
-    settings = state.settings
-    if len(texts) > settings.max_client_batch:
+def resolve_prompt(prompt_name: str | None, model: LoadedModel) -> str | None:
+    """The text to prepend for `prompt_name` (None: the model's default prompt, if it has one); 422 for
+    a name the model does not have."""
+    embedding = model.manifest.embedding
+    if prompt_name is None:
+        return embedding.prompts.get(embedding.default_prompt_name) if embedding.default_prompt_name else None
+    if prompt_name not in embedding.prompts:
+        known = f"its prompts are {sorted(embedding.prompts)}" if embedding.prompts else "it has no prompts"
         raise ServiceError(
             ErrorType.VALIDATION,
-            f"{len(texts)} inputs, more than max_client_batch ({settings.max_client_batch})",
+            f"prompt_name {prompt_name!r} is not a prompt of this model; {known}",
+            "prompt_name",
         )
-    for position, text in enumerate(texts):
-        if len(text) > settings.max_input_chars and not truncate:
+    return embedding.prompts[prompt_name]
+
+
+def check_token_ids(batch: list[list[int]], model: LoadedModel) -> None:
+    """422 naming the input if a token ID is outside the vocabulary: the graph would index past its
+    embedding table."""
+    vocab_size = model.vocab_size
+    for position, token_ids in enumerate(batch):
+        if (largest := max(token_ids)) >= vocab_size:
             raise ServiceError(
                 ErrorType.VALIDATION,
-                f"input {position} has {len(text)} characters, more than max_input_chars "
-                f"({settings.max_input_chars}), and truncate is false",
+                f"input {position} has token ID {largest}, outside the vocabulary "
+                f"(IDs 0 to {vocab_size - 1})",
             )
+
+
+def check_batch_size(count: int, state: ServiceState) -> None:
+    if count > state.settings.max_client_batch:
+        raise ServiceError(
+            ErrorType.VALIDATION,
+            f"{count} inputs, more than max_client_batch ({state.settings.max_client_batch})",
+        )
+
+
+def check_inputs(inputs: list[ModelInput], truncate: bool, state: ServiceState) -> list[ModelInput]:
+    """The inputs with texts cut to max_input_chars, or 422 if there are too many, a text is too long to
+    cut, or a token ID is outside the vocabulary."""
+    model, _ = state.ready_model()
+    check_batch_size(len(inputs), state)
+    check_token_ids([item for item in inputs if isinstance(item, list)], model)
+    limit = state.settings.max_input_chars
+    for position, item in enumerate(inputs):
+        for text in texts_of(item):
+            if len(text) > limit and not truncate:
+                raise ServiceError(
+                    ErrorType.VALIDATION,
+                    f"input {position} has {len(text)} characters, more than max_input_chars "
+                    f"({limit}), and truncate is false",
+                )
     # Far longer than max_seq_len tokens anyway: cutting by characters first bounds the tokenizer's work.
-    return [text[: settings.max_input_chars] for text in texts]
+    return [cut_texts(item, limit) for item in inputs]
+
+
+def texts_of(item: ModelInput) -> tuple[str, ...]:
+    if isinstance(item, str):
+        return (item,)
+    return item if isinstance(item, tuple) else ()
+
+
+def cut_texts(item: ModelInput, limit: int) -> ModelInput:
+    if isinstance(item, str):
+        return item[:limit]
+    if isinstance(item, tuple):
+        return (item[0][:limit], item[1][:limit])
+    return item
+
+
+def with_prompt(inputs: list[ModelInput], prompt: str | None) -> list[ModelInput]:
+    """The prompt before each text; pairs (/predict) and token IDs are left as they are."""
+    return [prompt + item if prompt and isinstance(item, str) else item for item in inputs]
+
+
+def tokenize(tokenizer: TextTokenizer, inputs: list[ModelInput], side: TruncationSide) -> TokenizedInputs:
+    """Token IDs for every input, in order: texts and pairs through the tokenizer, token IDs as given,
+    cut to max_seq_len on the same side."""
+    encoded = tokenizer.encode([item for item in inputs if not isinstance(item, list)], side)
+    encoded_ids, encoded_truncated = iter(encoded.token_ids), iter(encoded.truncated)
+    token_ids, truncated = [], []
+    limit = tokenizer.max_seq_len
+    for item in inputs:
+        if isinstance(item, list):
+            token_ids.append(item[-limit:] if side == "left" else item[:limit])
+            truncated.append(len(item) > limit)
+        else:
+            token_ids.append(next(encoded_ids))
+            truncated.append(next(encoded_truncated))
+    return TokenizedInputs(token_ids, truncated)
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -93,25 +170,33 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def encode(state: ServiceState, request: Request, texts: list[str], truncate: bool) -> Encoded:
-    """Validate, tokenise and run `texts`. Raises ServiceError, CLIENT_DISCONNECTED included: a client
-    that goes away has its queued items dropped instead of computed for nobody."""
+async def encode(
+    state: ServiceState,
+    request: Request,
+    inputs: list[ModelInput],
+    truncate: bool,
+    side: TruncationSide = "right",
+    prompt: str | None = None,
+) -> Encoded:
+    """Validate, tokenise and run `inputs` (texts, pairs or token IDs; `prompt` goes before each text).
+    Raises ServiceError, CLIENT_DISCONNECTED included: a client that goes away has its queued items
+    dropped instead of computed for nobody."""
     started = time.perf_counter()
     model, batcher = state.ready_model()
-    texts = check_inputs(texts, truncate, state)
+    inputs = with_prompt(check_inputs(inputs, truncate, state), prompt)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.request_timeout_s
     state.in_flight += 1
     try:
         # Admission first: a full queue answers 429 before any tokenising (Batcher.admit).
-        with batcher.admit(len(texts), model.tokenizer.token_bound(texts)) as reservation:
+        with batcher.admit(len(inputs), model.tokenizer.token_bound(inputs)) as reservation:
             tokenize_started = time.perf_counter()
-            if sum(len(text) for text in texts) <= INLINE_TOKENIZE_CHARS:
-                tokenized = model.tokenizer.encode(texts)
+            if sum(len(text) for item in inputs for text in texts_of(item)) <= INLINE_TOKENIZE_CHARS:
+                tokenized = tokenize(model.tokenizer, inputs, side)
             else:
                 try:
                     async with asyncio.timeout_at(deadline):  # the deadline covers tokenising too
-                        tokenized = await asyncio.to_thread(model.tokenizer.encode, texts)
+                        tokenized = await asyncio.to_thread(tokenize, model.tokenizer, inputs, side)
                 except TimeoutError:
                     raise ServiceError(
                         ErrorType.TIMEOUT, "the request deadline passed while its inputs were tokenised"

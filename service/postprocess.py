@@ -1,7 +1,8 @@
 """What the routes compute from the model's outputs: pure numpy, no I/O, unit-tested without a server.
 
-Embeddings: Matryoshka truncation, then L2 normalisation of the kept dimensions. Classification:
-softmax (single-label), sigmoid (multi-label) or raw logits, then the best labels per input.
+Embeddings: Matryoshka truncation, then L2 normalisation of the kept dimensions; cosine similarities.
+Classification: softmax (single-label), sigmoid (multi-label) or raw logits, then the best labels per
+input.
 """
 
 import base64
@@ -44,3 +45,9 @@ def top_labels(scores: np.ndarray, labels: list[str], top_k: int | None) -> list
         [{"label": labels[label], "score": float(row[label])} for label in ranking]
         for row, ranking in zip(scores, order, strict=True)
     ]
+
+
+def similarities(embeddings: np.ndarray) -> list[float]:
+    """Cosine similarity of row 0 of (N, dim) `embeddings` with each later row (/similarity)."""
+    unit = embedding_matrix(embeddings, None, normalize=True)
+    return [float(value) for value in unit[1:] @ unit[0]]

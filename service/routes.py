@@ -1,18 +1,29 @@
-"""The HTTP routes. Each one parses its body (pydantic, service/schemas.py), calls the encode pipeline
-(service/pipeline.py) and the post-processing (service/postprocess.py), and shapes the answer; status
-codes come only from the error table (service/errors.py)."""
+"""The HTTP routes that run the model, and the service's own (health, readiness, info, metrics). Each
+one parses its body (pydantic, service/schemas.py), calls the encode pipeline (service/pipeline.py)
+and the post-processing (service/postprocess.py), and shapes the answer; status codes come only from
+the error table (service/errors.py). The tokenizer's routes are in service/tokenizer_routes.py.
 
+TEI's `POST /` answers as the route of the model's kind (`ROOT_ROUTES`); a new kind of model (a
+reranker) adds its route and its entry there.
+"""
+
+import json
+import os
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
 
-from service.errors import ErrorType
-from service.pipeline import check_classifier, check_dimensions, encode
-from service.postprocess import base64_rows, embedding_matrix, label_scores, top_labels
+from bundle import Manifest
+from service.errors import ErrorType, ServiceError
+from service.pipeline import check_classifier, check_dimensions, encode, resolve_prompt
+from service.postprocess import base64_rows, embedding_matrix, label_scores, similarities, top_labels
 from service.schemas import (
     BatchingInfo,
     ClassifyRequest,
@@ -23,9 +34,20 @@ from service.schemas import (
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
     OpenAIError,
+    PredictRequest,
+    PredictResponse,
+    SimilarityParameters,
+    SimilarityRequest,
+    SimilarityResponse,
     Status,
+    TEIClassifierModel,
+    TEIClassifierType,
+    TEIEmbeddingModel,
+    TEIEmbeddingType,
     TEIError,
     as_list,
+    cut_side,
+    pair_batch,
 )
 from service.state import ServiceState
 
@@ -44,7 +66,9 @@ INFERENCE_ERRORS = (
     ErrorType.UNHEALTHY,
     ErrorType.TIMEOUT,
 )
-TEI_ERRORS = {error.status: {"model": TEIError} for error in INFERENCE_ERRORS}
+TEI_ERRORS: dict[int | str, dict[str, Any]] = {
+    error.status: {"model": TEIError} for error in INFERENCE_ERRORS
+}
 OPENAI_ERRORS = {error.status: {"model": OpenAIError} for error in INFERENCE_ERRORS}
 
 
@@ -67,12 +91,14 @@ router = APIRouter()
 
 @router.post("/embed", response_model=EmbedResponse, responses=TEI_ERRORS)
 async def embed(body: EmbedRequest, request: Request, state: State) -> Response:
-    """Embeddings, Hugging Face text-embeddings-inference compatible."""
+    """Embeddings, Hugging Face text-embeddings-inference compatible: L2-normalised unless
+    normalize is false, whatever the model (TEI's default)."""
     model, _ = state.ready_model()
     check_dimensions(body.dimensions, model)
-    encoded = await encode(state, request, as_list(body.inputs), body.truncate)
-    normalize = model.manifest.embedding.normalize if body.normalize is None else body.normalize
-    matrix = embedding_matrix(encoded.embeddings(), body.dimensions, normalize)
+    prompt = resolve_prompt(body.prompt_name, model)
+    side = cut_side(body.truncation_direction)
+    encoded = await encode(state, request, as_list(body.inputs), body.truncate, side, prompt)
+    matrix = embedding_matrix(encoded.embeddings(), body.dimensions, body.normalize)
     return json_response(matrix, encoded.timing_headers())
 
 
@@ -81,17 +107,45 @@ async def classify(body: ClassifyRequest, request: Request, state: State) -> Res
     """Label scores per input, best first (softmax, or sigmoid for multi-label; logits with raw_scores)."""
     model, _ = state.ready_model()
     classifier = check_classifier(body.top_k, model)
-    encoded = await encode(state, request, as_list(body.inputs), body.truncate)
+    side = cut_side(body.truncation_direction)
+    encoded = await encode(state, request, as_list(body.inputs), body.truncate, side)
     scores = label_scores(encoded.logits(), classifier.multi_label, body.raw_scores)
     return json_response(top_labels(scores, classifier.labels, body.top_k), encoded.timing_headers())
 
 
+@router.post("/predict", response_model=PredictResponse, responses=TEI_ERRORS)
+async def predict(body: PredictRequest, request: Request, state: State) -> Response:
+    """Label scores in TEI's /predict shape: a text or a pair [text, text] gets its labels, best first;
+    a batch ([[text], [text, text], ...]) gets one such list per input."""
+    model, _ = state.ready_model()
+    classifier = check_classifier(None, model)
+    batch, single = pair_batch(body.inputs)
+    encoded = await encode(state, request, batch, body.truncate, cut_side(body.truncation_direction))
+    scores = label_scores(encoded.logits(), classifier.multi_label, body.raw_scores)
+    predictions = top_labels(scores, classifier.labels, None)
+    return json_response(predictions[0] if single else predictions, encoded.timing_headers())
+
+
+@router.post("/similarity", response_model=SimilarityResponse, responses=TEI_ERRORS)
+async def similarity(body: SimilarityRequest, request: Request, state: State) -> Response:
+    """Cosine similarity of inputs.source_sentence with each of inputs.sentences, in their order."""
+    model, _ = state.ready_model()
+    parameters = body.parameters or SimilarityParameters()
+    prompt = resolve_prompt(parameters.prompt_name, model)
+    texts: list[str] = [body.inputs.source_sentence, *body.inputs.sentences]
+    side = cut_side(parameters.truncation_direction)
+    encoded = await encode(state, request, list(texts), parameters.truncate, side, prompt)
+    return json_response(similarities(encoded.embeddings()), encoded.timing_headers())
+
+
 @router.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, responses=OPENAI_ERRORS)
 async def openai_embeddings(body: OpenAIEmbeddingRequest, request: Request, state: State) -> Response:
-    """Embeddings, OpenAI API compatible (always L2-normalised, like OpenAI's)."""
+    """Embeddings, OpenAI API compatible (always L2-normalised, like OpenAI's; the model's default
+    prompt, if it has one, goes before each text)."""
     model, _ = state.ready_model()
     check_dimensions(body.dimensions, model)
-    encoded = await encode(state, request, as_list(body.input), truncate=True)
+    prompt = resolve_prompt(None, model)
+    encoded = await encode(state, request, as_list(body.input), truncate=True, prompt=prompt)
     matrix = embedding_matrix(encoded.embeddings(), body.dimensions, normalize=True)
     vectors: list = base64_rows(matrix) if body.encoding_format == "base64" else list(matrix)
     content = {
@@ -104,6 +158,58 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, request: Request, stat
         "usage": {"prompt_tokens": encoded.token_count, "total_tokens": encoded.token_count},
     }
     return json_response(content, encoded.timing_headers())
+
+
+ModelKind = Literal["embedding", "classifier"]
+
+
+def model_kind(manifest: Manifest) -> ModelKind:
+    """What TEI would call the model: a classifier if the bundle has a classification head."""
+    return "classifier" if manifest.classifier is not None else "embedding"
+
+
+RootHandler = Callable[[Any, Request, ServiceState], Awaitable[Response]]
+# TEI's router serves POST / as the route of the model's kind; so does this one.
+ROOT_ROUTES: dict[ModelKind, tuple[type[BaseModel], RootHandler]] = {
+    "embedding": (EmbedRequest, embed),
+    "classifier": (PredictRequest, predict),
+}
+
+
+def parse_body(body_model: type[BaseModel], body: bytes) -> BaseModel:
+    """What FastAPI does with a declared body, for the one route whose body model is chosen per model:
+    the same 422s, through the same handler (service/error_handlers.py)."""
+    try:
+        payload = json.loads(body)
+    except json.JSONDecodeError as error:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body", error.pos), "msg": "JSON decode error", "input": {}}]
+        ) from error
+    except UnicodeDecodeError:
+        raise ServiceError(ErrorType.VALIDATION, "the body is not UTF-8 JSON") from None
+    try:
+        return body_model.model_validate(payload)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False)) from None
+
+
+def _either(first: str, second: str) -> dict[str, Any]:
+    refs = [{"$ref": f"#/components/schemas/{name}"} for name in (first, second)]
+    return {"content": {"application/json": {"schema": {"anyOf": refs}}}}
+
+
+@router.post(
+    "/",
+    responses={200: {"description": "as /embed or /predict"} | _either("EmbedResponse", "PredictResponse")}
+    | TEI_ERRORS,
+    openapi_extra={"requestBody": {"required": True} | _either("EmbedRequest", "PredictRequest")},
+)
+async def root(request: Request, state: State) -> Response:
+    """TEI's default route, as TEI serves it: /predict for a model with a classifier, /embed otherwise
+    (what Hugging Face's InferenceClient posts to when given the service's URL)."""
+    model, _ = state.ready_model()
+    body_model, handler = ROOT_ROUTES[model_kind(model.manifest)]
+    return await handler(parse_body(body_model, await request.body()), request, state)
 
 
 # HEAD as well as GET on the routes that only read: load balancers and monitors probe with HEAD.
@@ -123,22 +229,53 @@ async def ready(state: State) -> Status:
     return Status(status="ready")
 
 
+# TEI's names for the variants' number formats.
+VARIANT_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+
+
 @router.api_route("/info", methods=["GET", "HEAD"], response_model=Info)
 async def info(state: State) -> Info:
     model, _ = state.ready_model()
     manifest, settings, limits = model.manifest, state.settings, model.limits
+    model_type: TEIClassifierType | TEIEmbeddingType
+    if manifest.classifier is not None:
+        labels = manifest.classifier.labels
+        model_type = TEIClassifierType(
+            classifier=TEIClassifierModel(
+                id2label={str(index): label for index, label in enumerate(labels)},
+                label2id={label: index for index, label in enumerate(labels)},
+            )
+        )
+    else:
+        model_type = TEIEmbeddingType(embedding=TEIEmbeddingModel(pooling=manifest.embedding.pooling))
     return Info(
+        model_id=manifest.name,
+        model_sha=manifest.variants[model.variant].sha256,
+        model_dtype=VARIANT_DTYPES[model.variant],
+        model_type=model_type,
+        served_model_name=manifest.name,
+        max_concurrent_requests=settings.max_queue_items,
+        max_input_length=manifest.max_seq_len,
+        max_batch_tokens=limits.max_batch_tokens,
+        max_batch_requests=limits.max_batch_size,
+        max_client_batch_size=settings.max_client_batch,
+        auto_truncate=True,  # truncate defaults to true here
+        # encode_batch spreads each request over the tokenizer's Rust pool, one thread per usable core.
+        tokenization_workers=len(os.sched_getaffinity(0)),
+        version=SERVICE_VERSION,
         model_name=manifest.name,
         model_version=manifest.version,
         embedding_dim=manifest.embedding.dim,
         matryoshka_dims=manifest.embedding.matryoshka_dims,
-        normalize_default=manifest.embedding.normalize,
+        normalize_default=True,
         labels=manifest.classifier.labels if manifest.classifier else [],
         multi_label=manifest.classifier.multi_label if manifest.classifier else False,
         max_seq_len=manifest.max_seq_len,
         variant=model.variant,
         provider=model.runtime.provider,
         intra_op_threads=model.runtime.intra_op_threads,
+        prompts=manifest.embedding.prompts,
+        default_prompt_name=manifest.embedding.default_prompt_name,
         batching=BatchingInfo(
             max_batch_tokens=limits.max_batch_tokens,
             max_batch_size=limits.max_batch_size,

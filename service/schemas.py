@@ -1,13 +1,35 @@
-"""Request and response models: TEI shapes for /embed and /classify, OpenAI's for /v1/embeddings."""
+"""Request and response models: TEI's shapes for its routes (text-embeddings-inference 1.9), OpenAI's
+for /v1/embeddings. An input is a text or, as TEI and OpenAI accept, a list of token IDs (used as
+given: the IDs of /tokenize, special tokens included). Checks that need the model (token IDs within
+the vocabulary, `dimensions`, prompt names) are the pipeline's (service/pipeline.py)."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
+
+TokenIds = list[int]
+Input = str | TokenIds
 
 
-def as_list(inputs: str | list[str]) -> list[str]:
-    return [inputs] if isinstance(inputs, str) else inputs
+def is_token_ids(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, int) for item in value)
 
+
+def as_list(inputs: Input | list[Input]) -> list[Input]:
+    """One input (a text, or one list of token IDs) or a batch, as a batch."""
+    return [inputs] if isinstance(inputs, str) or is_token_ids(inputs) else inputs  # type: ignore[list-item]
+
+
+NON_EMPTY_TEXT_SCHEMA = {"type": "string", "minLength": 1}
 
 # Request fields take only their own JSON type: true is not 1, "64" is not 64, "no" is not false.
 STRICT = ConfigDict(strict=True)
@@ -29,47 +51,262 @@ def _valid_text(text: str) -> str:
     return text
 
 
-def _valid_inputs(inputs: str | list[str]) -> str | list[str]:
+def _input_problem(item: Input) -> str | None:
+    """What is wrong with one input, as the end of "input 3 ...", or None."""
+    if isinstance(item, str):
+        if not item:
+            return "is an empty string"
+        problem = _unicode_problem(item)
+        return None if problem is None else f"is not valid Unicode text: {problem}"
+    if not item:
+        return "is an empty list of token IDs"
+    if any(token_id < 0 for token_id in item):
+        return "has a negative token ID"
+    return None
+
+
+def _check_batch(batch: list[Input]) -> None:
+    for index, item in enumerate(batch):
+        if (problem := _input_problem(item)) is not None:
+            raise ValueError(f"input {index} {problem}")
+
+
+def _valid_inputs(inputs: Input | list[Input]) -> Input | list[Input]:
     # One check with one clear message, instead of pydantic's per-branch errors for the union.
     if isinstance(inputs, list) and not inputs:
         raise ValueError("the list of inputs is empty")
-    for index, text in enumerate(as_list(inputs)):
-        if not text:
-            raise ValueError(f"input {index} is an empty string")
-        if (problem := _unicode_problem(text)) is not None:
-            raise ValueError(f"input {index}: {problem}")
+    _check_batch(as_list(inputs))
     return inputs
 
 
+def _non_empty_text(text: str) -> str:
+    if not text:
+        raise ValueError("empty string")
+    return _valid_text(text)
+
+
+def _not_an_empty_list(value: Any) -> Any:
+    # Put on a whole union (a text or a list), not its list branch: pydantic would report each branch.
+    if isinstance(value, list) and not value:
+        raise ValueError("the list is empty")
+    return value
+
+
 Text = Annotated[str, AfterValidator(_valid_text)]
+NonEmptyText = Annotated[str, AfterValidator(_non_empty_text), WithJsonSchema(NON_EMPTY_TEXT_SCHEMA)]
 
 
-NON_EMPTY_TEXT_SCHEMA = {"type": "string", "minLength": 1}
+JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+
+
+def _json_type(value: object) -> str:
+    return JSON_TYPES.get(type(value), "null")
+
+
+def _is_ids(value: object) -> bool:
+    return isinstance(value, list) and all(type(item) is int for item in value)
+
+
+def _input_shape(value: object) -> object:
+    """Says what was expected when the JSON types are wrong, instead of one error per union member."""
+    if isinstance(value, str) or _is_ids(value):
+        return value
+    if not isinstance(value, list):
+        raise PydanticCustomError(
+            "input_type",
+            "expected a string, an array of token IDs, or an array of those, got {got}",
+            {"got": _json_type(value)},
+        )
+    for index, item in enumerate(value):
+        if not (isinstance(item, str) or _is_ids(item)):
+            raise PydanticCustomError(
+                "input_type",
+                "input {index}: expected a string or an array of token IDs (integers), got {got}",
+                {"index": index, "got": _json_type(item)},
+            )
+    return value
+
+
+TOKEN_IDS_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+INPUT_SCHEMA = {"anyOf": [NON_EMPTY_TEXT_SCHEMA, TOKEN_IDS_SCHEMA]}
 Inputs = Annotated[
-    str | list[str],
+    str | TokenIds | list[str | TokenIds],
+    BeforeValidator(_input_shape),
     AfterValidator(_valid_inputs),
     WithJsonSchema(
-        {"anyOf": [NON_EMPTY_TEXT_SCHEMA, {"type": "array", "items": NON_EMPTY_TEXT_SCHEMA, "minItems": 1}]}
+        {
+            "anyOf": [INPUT_SCHEMA, {"type": "array", "items": INPUT_SCHEMA, "minItems": 1}],
+            "description": "a text, a list of token IDs, or a batch of either",
+        }
     ),
 ]
 
 
-class EmbedRequest(BaseModel):
+def _null_means(default: bool) -> BeforeValidator:
+    # TEI's spec makes these fields nullable: null asks for the default.
+    return BeforeValidator(lambda value: default if value is None else value)
+
+
+Truncate = Annotated[
+    bool,
+    _null_means(True),
+    WithJsonSchema(
+        {
+            "type": ["boolean", "null"],
+            "default": True,
+            "description": "cut inputs to max_seq_len tokens (null: true); false: longer inputs are a 422",
+        }
+    ),
+]
+Normalize = Annotated[
+    bool,
+    _null_means(True),
+    WithJsonSchema({"type": ["boolean", "null"], "default": True, "description": "L2-normalise"}),
+]
+# TEI's serde takes both spellings; the side of the input that is cut off when it is too long.
+TruncationDirection = Literal["Right", "Left", "right", "left"]
+
+
+def cut_side(direction: TruncationDirection) -> Literal["left", "right"]:
+    return "left" if direction.lower() == "left" else "right"
+
+
+class Truncation(BaseModel):
+    """The fields of every request that tokenises text for the model."""
+
     model_config = STRICT
-    inputs: Inputs
-    normalize: bool | None = Field(None, description="L2-normalise; default: the bundle's setting (true)")
-    truncate: bool = Field(
-        True, description="cut inputs to max_seq_len tokens; false: longer inputs are a 422"
+    truncate: Truncate = True
+    truncation_direction: TruncationDirection = Field(
+        "Right", description="Right keeps the start of a long input, Left its end"
     )
+
+
+PROMPT_NAME_DESCRIPTION = (
+    "a prompt of the model (GET /info, prompts) prepended to each text; default: the model's default prompt"
+)
+
+
+class EmbedRequest(Truncation):
+    inputs: Inputs
+    normalize: Normalize = True
+    prompt_name: Text | None = Field(None, description=PROMPT_NAME_DESCRIPTION)
     dimensions: int | None = Field(None, gt=0, description="keep the first N dimensions (Matryoshka)")
 
 
-class ClassifyRequest(BaseModel):
-    model_config = STRICT
+class ClassifyRequest(Truncation):
     inputs: Inputs
     top_k: int | None = Field(None, gt=0, description="return only the k best labels")
     raw_scores: bool = Field(False, description="return logits instead of probabilities")
-    truncate: bool = True
+
+
+PairInputsType = str | list[str] | TokenIds | list[list[str] | TokenIds]
+
+
+def pair_batch(inputs: PairInputsType) -> tuple[list[Any], bool]:
+    """/predict's inputs as a batch of texts, (text, text) pairs and token ID lists, and whether the
+    request was one input. A batch item of the wrong size stays a list, for the validator to name."""
+    if isinstance(inputs, str) or is_token_ids(inputs):
+        return [inputs], True
+    if isinstance(inputs[0], str):
+        return [tuple(inputs)], True
+    batch: list[Any] = []
+    for item in inputs:
+        if is_token_ids(item) or len(item) not in (1, 2):
+            batch.append(item)
+        else:
+            batch.append(item[0] if len(item) == 1 else (item[0], item[1]))
+    return batch, False
+
+
+def _valid_pair_inputs(inputs: PairInputsType) -> PairInputsType:
+    if isinstance(inputs, list) and not inputs:
+        raise ValueError("the list of inputs is empty")
+    if isinstance(inputs, list) and isinstance(inputs[0], str) and len(inputs) != 2:
+        raise ValueError("a list of texts is a pair, [text, text]; a batch is [[text], [text, text], ...]")
+    for index, item in enumerate(pair_batch(inputs)[0]):
+        if isinstance(item, list) and item and not is_token_ids(item):
+            raise ValueError(f"input {index} has {len(item)} texts: one, or a pair of two")
+        for part in [item] if isinstance(item, str | list) else item:
+            if (problem := _input_problem(part)) is not None:
+                raise ValueError(f"input {index} {problem}")
+    return inputs
+
+
+TEXTS_SCHEMA = {"type": "array", "items": NON_EMPTY_TEXT_SCHEMA, "minItems": 1, "maxItems": 2}
+PairInputs = Annotated[
+    PairInputsType,
+    AfterValidator(_valid_pair_inputs),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                NON_EMPTY_TEXT_SCHEMA,
+                {"type": "array", "items": NON_EMPTY_TEXT_SCHEMA, "minItems": 2, "maxItems": 2},
+                TOKEN_IDS_SCHEMA,
+                {"type": "array", "items": {"anyOf": [TEXTS_SCHEMA, TOKEN_IDS_SCHEMA]}, "minItems": 1},
+            ],
+            "description": "a text, a pair [text, text], token IDs, or a batch of [text], [text, text] and "
+            "token ID lists",
+        }
+    ),
+]
+
+
+class PredictRequest(Truncation):
+    inputs: PairInputs
+    raw_scores: bool = Field(False, description="return logits instead of probabilities")
+
+
+class SimilarityInput(BaseModel):
+    model_config = STRICT
+    source_sentence: NonEmptyText
+    sentences: Annotated[list[NonEmptyText], AfterValidator(_not_an_empty_list)] = Field(
+        json_schema_extra={"minItems": 1}
+    )
+
+
+class SimilarityParameters(Truncation):
+    prompt_name: Text | None = Field(None, description=PROMPT_NAME_DESCRIPTION)
+
+
+class SimilarityRequest(BaseModel):
+    model_config = STRICT
+    inputs: SimilarityInput
+    parameters: SimilarityParameters | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = STRICT
+    # An empty text is fine here: it is the special tokens alone.
+    inputs: Annotated[Text | list[Text], AfterValidator(_not_an_empty_list)] = Field(
+        description="a text or a non-empty list of texts"
+    )
+    add_special_tokens: bool = True
+    prompt_name: Text | None = Field(None, description=PROMPT_NAME_DESCRIPTION)
+
+
+def _valid_ids(ids: TokenIds | list[TokenIds]) -> TokenIds | list[TokenIds]:
+    if not ids:
+        raise ValueError("the list of token IDs is empty")
+    _check_batch([ids] if is_token_ids(ids) else ids)  # type: ignore[list-item]
+    return ids
+
+
+class DecodeRequest(BaseModel):
+    model_config = STRICT
+    ids: Annotated[
+        TokenIds | list[TokenIds],
+        AfterValidator(_valid_ids),
+        WithJsonSchema(
+            {
+                "anyOf": [TOKEN_IDS_SCHEMA, {"type": "array", "items": TOKEN_IDS_SCHEMA, "minItems": 1}],
+                "description": "token IDs, or a batch of lists of token IDs",
+            }
+        ),
+    ]
+    skip_special_tokens: bool = True
+
+    def batch(self) -> list[TokenIds]:
+        return [self.ids] if is_token_ids(self.ids) else self.ids  # type: ignore[list-item,return-value]
 
 
 class Prediction(BaseModel):
@@ -82,6 +319,30 @@ class EmbedResponse(RootModel[list[list[float]]]):
 
 
 class ClassifyResponse(RootModel[list[list[Prediction]]]):
+    pass
+
+
+class PredictResponse(RootModel[list[Prediction] | list[list[Prediction]]]):
+    """One input (a text or a pair): its labels, best first; a batch: one such list per input."""
+
+
+class SimilarityResponse(RootModel[list[float]]):
+    """The cosine similarity of source_sentence with each of sentences, in their order."""
+
+
+class SimpleToken(BaseModel):
+    id: int
+    text: str  # the input's bytes start..stop, or the special token itself
+    special: bool
+    start: int | None  # UTF-8 byte offsets into the (prompted) input; null for a special token
+    stop: int | None
+
+
+class TokenizeResponse(RootModel[list[list[SimpleToken]]]):
+    pass
+
+
+class DecodeResponse(RootModel[list[str]]):
     pass
 
 
@@ -140,7 +401,39 @@ class BatchingInfo(BaseModel):
     request_timeout_s: float
 
 
+class TEIClassifierModel(BaseModel):
+    id2label: dict[str, str]
+    label2id: dict[str, int]
+
+
+class TEIEmbeddingModel(BaseModel):
+    pooling: str
+
+
+class TEIClassifierType(BaseModel):
+    classifier: TEIClassifierModel
+
+
+class TEIEmbeddingType(BaseModel):
+    embedding: TEIEmbeddingModel
+
+
 class Info(BaseModel):
+    # TEI's /info fields (its required ones, and the optional ones it fills), so its clients can read
+    # this one; the service's own fields follow.
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_type: TEIClassifierType | TEIEmbeddingType
+    served_model_name: str
+    max_concurrent_requests: int = Field(description="queued inputs before a 429 (max_queue_items)")
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None
+    max_client_batch_size: int
+    auto_truncate: bool
+    tokenization_workers: int
+    version: str
     model_name: str
     model_version: str
     embedding_dim: int
@@ -152,6 +445,8 @@ class Info(BaseModel):
     variant: str
     provider: str
     intra_op_threads: int
+    prompts: dict[str, str]
+    default_prompt_name: str | None
     batching: BatchingInfo
     service_version: str
 

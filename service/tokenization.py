@@ -1,13 +1,24 @@
-"""Tokenisation with the bundle's Hugging Face `tokenizers` file (Rust, batch API, releases the GIL)."""
+"""Tokenisation with the bundle's Hugging Face `tokenizers` file (Rust, batch API, releases the GIL).
+
+Three views of the one file: cut on the right, cut on the left (TEI's `truncation_direction`), and
+uncut (`/tokenize` shows every token, as TEI's does). Truncation is a setting of a `Tokenizer`
+object, shared by the worker threads, so each view is its own object instead of one that requests
+would reconfigure under each other.
+"""
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 PAD_TOKENS = ("[PAD]", "<pad>")
 # Special tokens a tokenizer adds around a text ([CLS] ... [SEP], <s> ... </s>): at most two.
 SPECIAL_TOKENS_BOUND = 2
+
+TruncationSide = Literal["left", "right"]
+# One model input: a text, or a pair of texts (/predict), encoded with the tokenizer's template.
+TextInput = str | tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -16,20 +27,36 @@ class TokenizedInputs:
     truncated: list[bool]  # whether the input had more than max_seq_len tokens
 
 
+@dataclass(frozen=True)
+class Token:
+    """One token as TEI's /tokenize shows it: offsets are UTF-8 byte offsets into the input."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
 class TextTokenizer:
     def __init__(self, tokenizer_file: Path, max_seq_len: int) -> None:
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        # The batcher pads each batch itself (to its own longest item), so the file's padding is
-        # switched off; truncation is fixed to the model's max_seq_len whatever the file says.
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_seq_len)
+        def load(side: TruncationSide | None) -> Tokenizer:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            # The batcher pads each batch itself (to its own longest item), so the file's padding is
+            # switched off; truncation is fixed to the model's max_seq_len whatever the file says.
+            tokenizer.no_padding()
+            if side is None:
+                tokenizer.no_truncation()
+            else:
+                tokenizer.enable_truncation(max_seq_len, direction=side)
+            return tokenizer
+
+        self._cut: dict[TruncationSide, Tokenizer] = {"right": load("right"), "left": load("left")}
+        self._uncut = load(None)
         self.max_seq_len = max_seq_len
+        self.vocab_size = self._uncut.get_vocab_size(with_added_tokens=True)
         self.pad_id = next(
-            (
-                token_id
-                for token in PAD_TOKENS
-                if (token_id := self._tokenizer.token_to_id(token)) is not None
-            ),
+            (token_id for token in PAD_TOKENS if (token_id := self._uncut.token_to_id(token)) is not None),
             0,
         )
         # Only the first max_seq_len tokens are used, yet the tokenizer's time grows with the whole text
@@ -37,24 +64,33 @@ class TextTokenizer:
         # covers at most its longest vocabulary entry plus a separating space, so twice that per token
         # keeps every used token; only runs of whitespace or words the vocabulary cannot cover at all
         # ([UNK]) could reach past the cut. 4096 characters for the default bundle (2 x (15 + 1) per token).
-        longest_entry = max(len(token) for token in self._tokenizer.get_vocab())
+        longest_entry = max(len(token) for token in self._uncut.get_vocab())
         self.max_chars = max_seq_len * 2 * (longest_entry + 1)
 
-    def token_bound(self, texts: list[str]) -> int:
-        """At most how many tokens `texts` become, before tokenising them: no more than max_seq_len each,
+    def token_bound(self, inputs: list[TextInput | list[int]]) -> int:
+        """At most how many tokens `inputs` become, before tokenising them: no more than max_seq_len each,
         and no more than one per character plus the special tokens (WordPiece and Unigram; a byte-level
-        BPE may exceed it for non-Latin text, which only makes admission a little generous)."""
-        return sum(min(self.max_seq_len, len(text) + SPECIAL_TOKENS_BOUND) for text in texts)
+        BPE may exceed it for non-Latin text, which only makes admission a little generous); token IDs
+        are as many as they are."""
+        return sum(min(self.max_seq_len, _length_bound(item)) for item in inputs)
 
-    def encode(self, texts: list[str]) -> TokenizedInputs:
-        cut = [len(text) > self.max_chars for text in texts]
-        cut_texts = [text[: self.max_chars] for text in texts]
-        # One text (the usual request) skips the batch API's thread-pool dispatch.
-        encodings = (
-            [self._tokenizer.encode(cut_texts[0])]
-            if len(texts) == 1
-            else self._tokenizer.encode_batch(cut_texts)
-        )
+    def _cut_chars(self, item: TextInput, side: TruncationSide) -> TextInput:
+        # The characters that can hold the tokens kept: the start, or the end when cutting on the left.
+        def cut(text: str) -> str:
+            return text[-self.max_chars :] if side == "left" else text[: self.max_chars]
+
+        return cut(item) if isinstance(item, str) else (cut(item[0]), cut(item[1]))
+
+    def encode(self, inputs: list[TextInput], side: TruncationSide = "right") -> TokenizedInputs:
+        cut = [any(len(text) > self.max_chars for text in _texts(item)) for item in inputs]
+        cut_inputs = [self._cut_chars(item, side) for item in inputs]
+        tokenizer = self._cut[side]
+        # One input (the usual request) skips the batch API's thread-pool dispatch.
+        if len(cut_inputs) == 1:
+            only = cut_inputs[0]
+            encodings = [tokenizer.encode(only) if isinstance(only, str) else tokenizer.encode(*only)]
+        else:
+            encodings = tokenizer.encode_batch(cut_inputs)
         # With truncation on, the cut-off tokens land in `overflowing`: non-empty means truncated. A text
         # longer than max_chars has more than max_seq_len tokens anyway.
         return TokenizedInputs(
@@ -64,3 +100,38 @@ class TextTokenizer:
                 for encoding, was_cut in zip(encodings, cut, strict=True)
             ],
         )
+
+    def tokens(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
+        """Every token of each text, uncut, with TEI's fields (/tokenize)."""
+        encodings = self._uncut.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [_tokens(text, encoding) for text, encoding in zip(texts, encodings, strict=True)]
+
+    def decode(self, token_ids: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        return self._uncut.decode_batch(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def _texts(item: TextInput) -> tuple[str, ...]:
+    return (item,) if isinstance(item, str) else item
+
+
+def _length_bound(item: TextInput | list[int]) -> int:
+    if isinstance(item, list):
+        return len(item)
+    # A pair has one more special token: the separator between its texts.
+    return sum(len(text) for text in _texts(item)) + SPECIAL_TOKENS_BOUND + (len(_texts(item)) - 1)
+
+
+def _tokens(text: str, encoding: Encoding) -> list[Token]:
+    # The Python binding gives character offsets; TEI (Rust) gives byte offsets, so convert.
+    byte_offset = [0]
+    for character in text:
+        byte_offset.append(byte_offset[-1] + len(character.encode()))
+    tokens = []
+    for token_id, (start, stop), special, token in zip(
+        encoding.ids, encoding.offsets, encoding.special_tokens_mask, encoding.tokens, strict=True
+    ):
+        if special:
+            tokens.append(Token(token_id, token, True, None, None))
+        else:
+            tokens.append(Token(token_id, text[start:stop], False, byte_offset[start], byte_offset[stop]))
+    return tokens

@@ -114,3 +114,38 @@ def tiny_bundle(tiny_runs: TinyRuns, tmp_path_factory: pytest.TempPathFactory) -
 def tiny_bundle_no_classifier(tiny_runs: TinyRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same encoder without a classifier head (serves /embed only), fp32 + int8."""
     return _export(tiny_runs.embed_run, tmp_path_factory.mktemp("bundles") / "tiny_embed")
+
+
+TINY_PROMPTS = {"query": "query: ", "passage": "passage: "}
+TINY_DEFAULT_PROMPT = "query"
+
+
+def _with_prompts(bundle: Path, out: Path) -> Path:
+    """A copy of `bundle` whose manifest carries TINY_PROMPTS, "query" the default (the manifest is not
+    checksummed; `encoder export --prompt` writes the same fields, tested in test_export_bundle.py)."""
+    import shutil
+
+    from bundle.manifest import EmbeddingSpec, load_manifest
+
+    shutil.copytree(bundle, out)
+    manifest = load_manifest(out)
+    embedding = EmbeddingSpec(
+        **manifest.embedding.model_dump()
+        | {"prompts": TINY_PROMPTS, "default_prompt_name": TINY_DEFAULT_PROMPT}
+    )
+    manifest.model_copy(update={"embedding": embedding}).write(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_with_prompts(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_bundle (3-label classifier) with TINY_PROMPTS, "query" the default."""
+    return _with_prompts(tiny_bundle, tmp_path_factory.mktemp("bundles") / "tiny_prompts")
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder_with_prompts(
+    tiny_bundle_no_classifier: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """tiny_bundle_no_classifier (an embedding model to TEI) with TINY_PROMPTS, "query" the default."""
+    return _with_prompts(tiny_bundle_no_classifier, tmp_path_factory.mktemp("bundles") / "tiny_embed_prompts")

@@ -275,6 +275,13 @@ def test_dashboard_queries_use_only_metrics_the_service_exposes() -> None:
         assert required in referenced, f"no panel shows {required}"
 
 
+def test_dashboard_traffic_panels_cover_every_inference_route() -> None:
+    from service.metrics import INFERENCE_ROUTES
+
+    selectors = {selector for expr in dashboard_exprs() for selector in re.findall(r'route=~"([^"]*)"', expr)}
+    assert selectors == {"|".join(INFERENCE_ROUTES)}
+
+
 def test_encoder_serve_starts_its_cli_without_torch(tmp_path: Path) -> None:
     # A sitecustomize that makes `import torch` fail stands in for the images, which have no torch.
     (tmp_path / "sitecustomize.py").write_text(

@@ -117,8 +117,19 @@ def test_export_cli_writes_bundle_and_refuses_to_overwrite(
         main(argv)
     assert exit_info.value.code == 2
     assert "already exists" in capsys.readouterr().err
-    main([*argv, "--force", "--version", "2"])
-    assert verify_bundle(out).version == "2"
+    for bad_flags, message in [
+        (["--prompt", "query"], "expected NAME=TEXT"),
+        (["--prompt", "query=query: ", "--default-prompt-name", "passage"], "not one of the prompts"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--force", *bad_flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    prompts = ["--prompt", "query=query: ", "--prompt", "passage=passage: ", "--default-prompt-name", "query"]
+    main([*argv, "--force", "--version", "2", *prompts])
+    manifest = verify_bundle(out)
+    assert manifest.version == "2"
+    assert manifest.embedding.prompts == {"query": "query: ", "passage": "passage: "}
+    assert manifest.embedding.default_prompt_name == "query"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cli_bundle"]  # no staging left behind
     assert out.stat().st_mode & 0o755 == 0o755  # readable by the service's (possibly other) user
 

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from bundle.manifest import verify_bundle
 from export.bundle_writer import ExportOptions, write_bundle
-from export.hf_import import sentence_transformers_layout, source_from_hf
+from export.hf_import import sentence_transformers_layout, sentence_transformers_prompts, source_from_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,12 +91,16 @@ def test_import_sentence_transformers_layout_honours_pooling_and_normalize(
     }
     (st_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
     (st_dir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16}))
+    st_config = {"prompts": {"query": "query: ", "document": ""}, "default_prompt_name": "query"}
+    (st_dir / "config_sentence_transformers.json").write_text(json.dumps(st_config))
 
     out = tmp_path / "bundle"
     write_bundle(source_from_hf(st_dir), out, ExportOptions(variants=["fp32"]), lambda _: None)
     manifest = verify_bundle(out)
     assert manifest.embedding.pooling == "cls" and manifest.embedding.normalize is True
     assert manifest.max_seq_len == 16
+    assert manifest.embedding.prompts == {"query": "query: ", "document": ""}
+    assert manifest.embedding.default_prompt_name == "query"
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert len(tokenizer.encode(TEXTS[2] * 10).ids) == 16
     hidden, ids, mask = _transformers_hidden(st_dir, tokenizer)
@@ -118,3 +122,18 @@ def test_sentence_transformers_layout_without_normalize_and_unsupported_pooling(
     (st_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
     with pytest.raises(ExportError, match="unsupported sentence-transformers pooling"):
         source_from_hf(st_dir)
+
+
+def test_sentence_transformers_prompts_are_checked(tmp_path: Path) -> None:
+    from export.errors import ExportError
+
+    assert sentence_transformers_prompts(tmp_path) == ({}, None)
+    config = tmp_path / "config_sentence_transformers.json"
+    config.write_text(json.dumps({"prompts": {}, "default_prompt_name": None}))
+    assert sentence_transformers_prompts(tmp_path) == ({}, None)
+    config.write_text(json.dumps({"prompts": {"query": "query: "}, "default_prompt_name": "passage"}))
+    with pytest.raises(ExportError, match="default_prompt_name 'passage'"):
+        sentence_transformers_prompts(tmp_path)
+    config.write_text(json.dumps({"prompts": {"query": 1}}))
+    with pytest.raises(ExportError, match="prompts must map names to prompt texts"):
+        sentence_transformers_prompts(tmp_path)

@@ -24,13 +24,21 @@ values = st.one_of(
     st.booleans(),
     st.integers(min_value=-2, max_value=40),
     st.floats(allow_nan=False, allow_infinity=False),
-    st.sampled_from(["16", "3", "yes", "no", "true", "float", "base64"]),
+    st.sampled_from(["16", "3", "yes", "no", "true", "float", "base64", "Left", "right", "query"]),
     texts,
     st.lists(texts, max_size=3),
+    st.lists(st.integers(min_value=-2, max_value=2**40), max_size=3),  # token IDs, in range or not
+    st.lists(st.lists(texts, max_size=3), max_size=2),  # /predict's batches, /decode's lists
+    st.fixed_dictionaries({"source_sentence": texts, "sentences": st.lists(texts, max_size=2)}),
 )
 ROUTE_FIELDS = {
-    "/embed": ["inputs", "normalize", "truncate", "dimensions"],
-    "/classify": ["inputs", "top_k", "raw_scores", "truncate"],
+    "/": ["inputs", "raw_scores", "truncate", "truncation_direction"],
+    "/embed": ["inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "dimensions"],
+    "/classify": ["inputs", "top_k", "raw_scores", "truncate", "truncation_direction"],
+    "/predict": ["inputs", "raw_scores", "truncate", "truncation_direction"],
+    "/similarity": ["inputs", "parameters"],
+    "/tokenize": ["inputs", "add_special_tokens", "prompt_name"],
+    "/decode": ["ids", "skip_special_tokens"],
     "/v1/embeddings": ["input", "model", "encoding_format", "dimensions", "user"],
 }
 requests = st.sampled_from(sorted(ROUTE_FIELDS)).flatmap(
@@ -58,7 +66,7 @@ def assert_documented_error(route: str, body: object) -> None:
 
 
 # A few seconds on a loaded 2-core machine; derandomized, so a failure reproduces on every run.
-@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@settings(max_examples=250, deadline=None, derandomize=True, database=None)
 @given(request=requests)
 def test_no_body_gets_a_server_error(client: TestClient, request: tuple[str, dict[str, object]]) -> None:
     route, payload = request

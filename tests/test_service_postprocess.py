@@ -4,7 +4,7 @@ import base64
 
 import numpy as np
 
-from service.postprocess import base64_rows, embedding_matrix, label_scores, top_labels
+from service.postprocess import base64_rows, embedding_matrix, label_scores, similarities, top_labels
 
 EMBEDDINGS = np.array([[3.0, 4.0, 12.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=np.float32)
 
@@ -49,3 +49,9 @@ def test_top_labels_best_first_ties_in_label_order() -> None:
         [{"label": "animal", "score": 0.4}, {"label": "tool", "score": 0.4}],
     ]
     assert [len(row) for row in top_labels(scores, labels, top_k=None)] == [3, 3]
+
+
+def test_similarities_are_cosines_with_the_first_row() -> None:
+    # 3-4-12 has norm 13: its cosine with the x axis is 3/13; with itself 1; an all-zero row gives 0.
+    rows = np.vstack([EMBEDDINGS[0], EMBEDDINGS[0] * 2, EMBEDDINGS[1], EMBEDDINGS[2]])
+    np.testing.assert_allclose(similarities(rows), [1.0, 0.0, 3 / 13], rtol=1e-6)

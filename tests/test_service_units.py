@@ -143,8 +143,8 @@ def test_the_tokenizer_sees_at_most_max_chars_and_the_used_tokens_do_not_change(
 
     max_seq_len = 32
     tokenizer = TextTokenizer(tiny_bundle / "tokenizer.json", max_seq_len)
-    recording = RecordingTokenizer(tokenizer._tokenizer)
-    tokenizer._tokenizer = recording  # type: ignore[assignment]
+    recording = RecordingTokenizer(tokenizer._cut["right"])
+    tokenizer._cut["right"] = recording  # type: ignore[assignment]
     uncut = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
     uncut.no_padding()
     uncut.enable_truncation(max_seq_len)
@@ -156,3 +156,8 @@ def test_the_tokenizer_sees_at_most_max_chars_and_the_used_tokens_do_not_change(
     assert encoded.truncated == [True, False, True]
     # The admission estimate before tokenising: no more than max_seq_len, nor one per character + 2.
     assert tokenizer.token_bound(texts) == max_seq_len + len("a cat") + 2 + max_seq_len
+    # A pair has three special tokens; token IDs are as many as they are.
+    assert tokenizer.token_bound([("a", "bc"), [5, 6, 7]]) == (1 + 2 + 3) + 3
+    # Cutting on the left keeps the end of the text, characters first and then tokens.
+    uncut.enable_truncation(max_seq_len, direction="left")
+    assert tokenizer.encode([texts[0]], "left").token_ids == [uncut.encode(texts[0]).ids]
