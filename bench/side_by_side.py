@@ -29,9 +29,9 @@ import httpx
 from loadgen import LoadResult, make_texts, run_load
 
 from bundle.contract import pad_to_longest
+from bundle.runtime import default_intra_op_threads
 from service.bundle_loader import LoadedModel, load_model
 from service.process import ServiceProcess
-from service.runtime import default_intra_op_threads
 from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -76,6 +76,18 @@ class VariantSpec(_Strict):
     fusions: list[str] = Field(default_factory=list)  # graph fusions applied to this file
 
 
+class TeacherSpec(_Strict):
+    """The bundle a distilled student learned from (`encoder distill`)."""
+
+    name: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the teacher's manifest.json, which pins its files
+    # Whether the student's embedding lives in the teacher's space (`--match-teacher-space`): vectors
+    # of the two may then be compared, e.g. teacher-embedded documents with student-embedded queries.
+    shared_space: bool = False
+    # Student vs teacher on held-out text, e.g. {"cosine": 0.93, "similarity_correlation": 0.88}.
+    agreement: dict[str, float] = Field(default_factory=dict)
+
+
 class Manifest(_Strict):
     format_version: Literal[1] = FORMAT_VERSION
     name: str = Field(min_length=1)
@@ -89,6 +101,7 @@ class Manifest(_Strict):
     tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     source: str = "encoder"  # "encoder" (trained here) or "import-hf:<dir name>"
     training: dict[str, Any] = Field(default_factory=dict)  # training/eval summary
+    teacher: TeacherSpec | None = None  # set for a distilled student
 
     @model_validator(mode="after")
     def _fp32_present(self) -> "Manifest":

@@ -23,6 +23,7 @@ from bundle.manifest import (
     ClassifierSpec,
     EmbeddingSpec,
     Manifest,
+    TeacherSpec,
     VariantSpec,
     file_sha256,
     verify_bundle,
@@ -48,6 +49,7 @@ class ExportSource:
     classifier: ClassifierSpec | None = None
     source: str = "encoder"
     training: dict[str, Any] = field(default_factory=dict)
+    teacher: TeacherSpec | None = None
 
 
 @dataclass
@@ -159,6 +161,7 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
         tokenizer_sha256=file_sha256(staging / TOKENIZER_FILE),
         source=source.source,
         training=source.training,
+        teacher=source.teacher,
     )
     manifest.write(staging)
     return manifest

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from bundle.manifest import Architecture, ClassifierSpec, EmbeddingSpec
+from bundle.manifest import Architecture, ClassifierSpec, EmbeddingSpec, TeacherSpec
 from export.bundle_writer import ExportSource
 
 
@@ -21,6 +21,8 @@ def source_from_run(run_dir: Path, name: str | None = None) -> ExportSource:
     if tokenizer.padding is not None:
         tokenizer.no_padding()
     classifier = ClassifierSpec(labels=run.labels, multi_label=run.multi_label) if run.labels else None
+    # A distilled student's run.json summary names its teacher (model/distill.py).
+    teacher = run.summary.get("teacher")
     return ExportSource(
         module=run.inference_module(),
         tokenizer=tokenizer,
@@ -42,4 +44,5 @@ def source_from_run(run_dir: Path, name: str | None = None) -> ExportSource:
         classifier=classifier,
         source="encoder",
         training={"kind": run.kind, **run.summary},
+        teacher=TeacherSpec.model_validate(teacher) if teacher else None,
     )

@@ -1,4 +1,4 @@
-"""`encoder data|tokenizer|pretrain|finetune|eval`: argparse only at import; torch loads in handlers.
+"""`encoder data|tokenizer|pretrain|finetune|distill|eval`: argparse only at import; torch loads in handlers.
 
 Each handler returns the command's result; a problem the user can fix is a ModelError, which the
 `encoder` CLI prints as one line.
@@ -185,12 +185,85 @@ def register(subparsers: Any) -> None:
     _add_limit(embed)
     embed.set_defaults(handler=run_finetune_embed)
 
+    distill = subparsers.add_parser(
+        "distill",
+        help="train a student RUN to reproduce a teacher bundle's outputs on a corpus",
+        description="Knowledge distillation: the teacher bundle (any, e.g. from `encoder import-hf`) runs "
+        "once over the corpus through ONNX Runtime, its outputs cached on disk (resumable); the student "
+        "then learns to match them. Runs under torchrun like pretrain.",
+    )
+    distill.add_argument("--teacher", required=True, type=Path, help="teacher bundle directory")
+    distill.add_argument(
+        "--corpus",
+        required=True,
+        type=Path,
+        help='plain text (one text per line) or JSON lines {"text"[, "label"]} (labels: hard targets)',
+    )
+    distill.add_argument("--out", required=True, type=Path, help="RUN directory")
+    distill.add_argument("--init", type=Path, help="RUN to start the student from (default: random init)")
+    distill.add_argument(
+        "--preset", choices=["tiny", "mini", "small", "base"], default="mini", help="random-init student size"
+    )
+    distill.add_argument("--tokenizer", type=Path, help="tokenizer.json of a random-init student")
+    distill.add_argument(
+        "--match-teacher-space",
+        action="store_true",
+        help="export the student's embedding in the teacher's space (a learned projection in the graph), "
+        "so an index built with the teacher keeps working",
+    )
+    distill.add_argument(
+        "--loss",
+        choices=["cosine", "mse", "none"],
+        default="cosine",
+        help="direct embedding loss to the teacher's vectors (default cosine)",
+    )
+    distill.add_argument(
+        "--relational-weight",
+        type=float,
+        default=1.0,
+        help="weight of the in-batch similarity-structure term (default 1; 0: off)",
+    )
+    distill.add_argument("--relational-temperature", type=_positive_float, default=0.05)
+    distill.add_argument(
+        "--temperature", type=_positive_float, default=2.0, help="softens the teacher's logits (default 2)"
+    )
+    distill.add_argument(
+        "--hard-weight",
+        type=float,
+        default=0.5,
+        help="share of the cross-entropy on the corpus's own labels, where rows have one (default 0.5)",
+    )
+    distill.add_argument("--epochs", type=_positive_float, default=1.0)
+    distill.add_argument(
+        "--holdout", type=_positive_int, default=1000, help="rows held out for the agreement figures"
+    )
+    distill.add_argument(
+        "--cache-dir", type=Path, help="teacher output cache (default $XDG_CACHE_HOME/encoder/teacher)"
+    )
+    distill.add_argument("--teacher-variant", choices=["fp32", "fp16", "int8"], default="fp32")
+    distill.add_argument(
+        "--teacher-provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider"
+    )
+    _add_common_training(distill)
+    _add_limit(distill)
+    distill.set_defaults(handler=run_distill)
+
     evaluate = subparsers.add_parser("eval", help="evaluate a RUN")
     eval_kinds = evaluate.add_subparsers(dest="eval_kind", required=True, metavar="TASK")
     eval_classify = eval_kinds.add_parser("classify", help="accuracy and macro-F1")
     eval_classify.add_argument("--model", required=True, type=Path, help="classify RUN")
     eval_classify.add_argument(
         "--data", required=True, type=Path, help='JSON lines {"text", "label"|"labels"}'
+    )
+    _add_teacher_comparison(eval_classify)
+    eval_classify.add_argument(
+        "--probe-train",
+        type=Path,
+        help="with --teacher: score a linear probe on each model's frozen embeddings, fitted on these "
+        "JSON lines (for a teacher without a classifier)",
+    )
+    eval_classify.add_argument(
+        "--probe-limit", type=_positive_int, help="use only the first N rows of --probe-train"
     )
     eval_classify.set_defaults(handler=run_eval_classify)
     retrieval = eval_kinds.add_parser("retrieval", help="Recall@1/10 and MRR@10 of embedding search")
@@ -199,7 +272,15 @@ def register(subparsers: Any) -> None:
         "--queries", required=True, type=Path, help='JSON lines {"id", "text", "relevant"}'
     )
     retrieval.add_argument("--corpus", required=True, type=Path, help='JSON lines {"id", "text"}')
+    _add_teacher_comparison(retrieval)
     retrieval.set_defaults(handler=run_eval_retrieval)
+
+
+def _add_teacher_comparison(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--teacher", type=Path, help="also score this teacher bundle (ONNX Runtime) and compare the two"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for the teacher")
 
 
 def run_data_wordnet(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,13 +395,61 @@ def run_finetune_embed(args: argparse.Namespace) -> dict[str, Any]:
     return finetune_embed(options)
 
 
+def run_distill(args: argparse.Namespace) -> dict[str, Any]:
+    from model.distill import DistillOptions, distill
+
+    if args.init is None and args.tokenizer is None:
+        raise ModelError("a random-init student needs --tokenizer (or give --init RUN)")
+    options = DistillOptions(
+        teacher=args.teacher,
+        corpus=args.corpus,
+        out=args.out,
+        init=args.init,
+        preset=args.preset,
+        tokenizer=args.tokenizer,
+        match_teacher_space=args.match_teacher_space,
+        direct_loss=args.loss,
+        relational_weight=args.relational_weight,
+        relational_temperature=args.relational_temperature,
+        temperature=args.temperature,
+        hard_weight=args.hard_weight,
+        epochs=args.epochs,
+        holdout=args.holdout,
+        cache_dir=args.cache_dir,
+        teacher_variant=args.teacher_variant,
+        teacher_provider=args.teacher_provider,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        budget_minutes=args.budget_minutes,
+        max_steps=args.max_steps,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    if args.batch_size:
+        options.batch_size = args.batch_size
+    if args.lr:
+        options.lr = args.lr
+    return distill(options)
+
+
 def run_eval_classify(args: argparse.Namespace) -> dict[str, Any]:
+    from model.compare import compare_classify
     from model.evaluate import evaluate_classifier
 
-    return evaluate_classifier(args.model, args.data)
+    if args.teacher is None:
+        if args.probe_train is not None:
+            raise ModelError("--probe-train compares with a teacher: give --teacher BUNDLE too")
+        return evaluate_classifier(args.model, args.data)
+    return compare_classify(
+        args.model, args.teacher, args.data, args.probe_train, args.probe_limit, args.threads
+    )
 
 
 def run_eval_retrieval(args: argparse.Namespace) -> dict[str, Any]:
+    from model.compare import compare_retrieval
     from model.evaluate import evaluate_retrieval
 
+    if args.teacher is not None:
+        return compare_retrieval(args.model, args.teacher, args.queries, args.corpus, args.threads)
     return evaluate_retrieval(args.model, args.queries, args.corpus)

@@ -192,7 +192,9 @@ class InferenceModule(nn.Module):
 
     The logits are the linear head on the pooled embedding, plus the lexical head's when there is one.
     With a lexical sketch the embedding is the hybrid of the pooled vector and the sketch (unit norm);
-    without one it is the pooled vector, not normalised."""
+    without one it is the pooled vector, not normalised. A distilled student with a projection
+    (`distill --match-teacher-space`) returns the projected vector instead, which lives in the
+    teacher's space. The logits always come from the pooled vector."""
 
     def __init__(
         self,
@@ -201,6 +203,7 @@ class InferenceModule(nn.Module):
         lexical: LexicalHead | None = None,
         sketch: LexicalSketch | None = None,
         sketch_weight: float = 0.0,
+        projection: nn.Linear | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -208,6 +211,7 @@ class InferenceModule(nn.Module):
         self.lexical = lexical
         self.sketch = sketch
         self.sketch_weight = sketch_weight
+        self.projection = projection
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -215,7 +219,9 @@ class InferenceModule(nn.Module):
         hidden = self.encoder(input_ids, attention_mask)
         pooled = mean_pool(hidden, attention_mask).float()
         embedding = pooled
-        if self.sketch is not None:
+        if self.projection is not None:
+            embedding = self.projection(pooled)
+        elif self.sketch is not None:
             embedding = hybrid_embedding(pooled, self.sketch(input_ids, attention_mask), self.sketch_weight)
         if self.classifier is None:
             return (embedding,)

@@ -1,6 +1,7 @@
 """`encoder eval classify|retrieval`, plus the batched inference that fine-tuning reuses."""
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,15 @@ def evaluate_classifier(model_path: Path, data_path: Path) -> dict[str, Any]:
     return {**scores, "examples": len(texts), "model": str(model_path)}
 
 
-def evaluate_retrieval(model_path: Path, queries_path: Path, corpus_path: Path) -> dict[str, Any]:
-    run = load_run(model_path)
+@dataclass(frozen=True)
+class RetrievalData:
+    query_texts: list[str]
+    relevant: list[set[str]]  # per query, the ids of its relevant documents
+    doc_texts: list[str]
+    doc_ids: list[str]
+
+
+def read_retrieval_data(queries_path: Path, corpus_path: Path) -> RetrievalData:
     queries = read_jsonl(queries_path, ("id", "text", "relevant"))
     corpus = read_jsonl(corpus_path, ("id", "text"))
     doc_ids = [str(doc["id"]) for doc in corpus]
@@ -108,19 +116,24 @@ def evaluate_retrieval(model_path: Path, queries_path: Path, corpus_path: Path) 
             raise ModelError(
                 f"{queries_path}: row {number}: relevant doc {missing[0]!r} is not in {corpus_path}"
             )
-    tokenizer = load_tokenizer(run.tokenizer_path)
-    module = run.inference_module()
-    device = torch.device("cpu")
-    scores = score_retrieval(
-        module,
-        tokenizer,
+    return RetrievalData(
         [str(q["text"]) for q in queries],
         [{str(d) for d in q["relevant"]} for q in queries],
         [str(doc["text"]) for doc in corpus],
         doc_ids,
-        device,
     )
-    return {**scores, "queries": len(queries), "corpus": len(corpus), "model": str(model_path)}
+
+
+def evaluate_retrieval(model_path: Path, queries_path: Path, corpus_path: Path) -> dict[str, Any]:
+    run = load_run(model_path)
+    data = read_retrieval_data(queries_path, corpus_path)
+    tokenizer = load_tokenizer(run.tokenizer_path)
+    module = run.inference_module()
+    device = torch.device("cpu")
+    scores = score_retrieval(
+        module, tokenizer, data.query_texts, data.relevant, data.doc_texts, data.doc_ids, device
+    )
+    return {**scores, "queries": len(data.query_texts), "corpus": len(data.doc_ids), "model": str(model_path)}
 
 
 def score_retrieval(
@@ -133,10 +146,19 @@ def score_retrieval(
     device: torch.device,
 ) -> dict[str, float]:
     """Cosine similarity of the pooled embeddings; the top 10 documents of each query are scored."""
-    query_embeddings = F.normalize(infer(module, tokenizer, query_texts, device, desc="queries")[0], dim=1)
-    doc_embeddings = F.normalize(infer(module, tokenizer, doc_texts, device, desc="corpus")[0], dim=1)
+    query_embeddings = infer(module, tokenizer, query_texts, device, desc="queries")[0]
+    doc_embeddings = infer(module, tokenizer, doc_texts, device, desc="corpus")[0]
+    return rank_and_score(query_embeddings, doc_embeddings, doc_ids, relevant)
+
+
+def rank_and_score(
+    query_embeddings: torch.Tensor, doc_embeddings: torch.Tensor, doc_ids: list[str], relevant: list[set[str]]
+) -> dict[str, float]:
+    """Rank the documents of each query by cosine similarity and score the top 10."""
+    query_embeddings = F.normalize(query_embeddings, dim=1)
+    doc_embeddings = F.normalize(doc_embeddings, dim=1)
     ranked = []
-    for start in range(0, len(query_texts), 1024):
+    for start in range(0, len(query_embeddings), 1024):
         scores = query_embeddings[start : start + 1024] @ doc_embeddings.T  # (Q, D)
         top = scores.topk(min(10, len(doc_ids)), dim=1).indices
         ranked.extend([[doc_ids[i] for i in row] for row in top.tolist()])

@@ -2,7 +2,8 @@
 
 <run>/
   model.safetensors   weights: "encoder.*", plus "classifier.*" and optionally "lexical.*" (classify
-                      runs), "sketch.*" (the lexical channel of embed runs and their children) or the
+                      runs), "sketch.*" (the lexical channel of embed runs and their children),
+                      "projection.*" (a student distilled into its teacher's space) or the
                       pretraining heads (pretrain runs)
   config.json         EncoderConfig as a dict + architecture name and parameter count
   tokenizer.json      copied in, so a run is self-contained
@@ -104,9 +105,23 @@ class LoadedRun:
             raise ModelError(message)
         return LexicalSketch.from_state(state, self.sketch_dim)
 
+    def build_projection(self) -> nn.Linear | None:
+        """The projection into a teacher's space ("projection.*", `distill --match-teacher-space`)."""
+        weight = self.weights.get("projection.weight")
+        if weight is None:
+            return None
+        projection = nn.Linear(weight.shape[1], weight.shape[0])
+        try:
+            projection.load_state_dict(_prefixed(self.weights, "projection."))
+        except RuntimeError as exc:
+            raise ModelError(f"{self.path / WEIGHTS_FILE}: projection does not match ({exc})") from None
+        return projection
+
     @property
     def embedding_dim(self) -> int:
-        return self.config.n_embd + self.sketch_dim
+        """The exported embedding's dimension: the teacher's with a projection, else n_embd + sketch."""
+        weight = self.weights.get("projection.weight")
+        return self.config.n_embd + self.sketch_dim if weight is None else int(weight.shape[0])
 
     def inference_module(self) -> InferenceModule:
         """eval-mode module: (input_ids, attention_mask) -> (embedding,) or (embedding, logits).
@@ -121,12 +136,14 @@ class LoadedRun:
             self.build_lexical(),
             self.build_sketch(),
             self.sketch_weight,
+            self.build_projection(),
         ).eval()
 
 
 def parameter_count(weights: dict[str, torch.Tensor]) -> int:
     """Parameters of the inference graph (encoder + heads); the pretraining heads are not exported."""
-    return sum(t.numel() for k, t in weights.items() if k.startswith(("encoder.", "classifier.", "lexical.")))
+    exported = ("encoder.", "classifier.", "lexical.", "projection.")
+    return sum(t.numel() for k, t in weights.items() if k.startswith(exported))
 
 
 def save_run(

@@ -30,9 +30,9 @@ from typing import Protocol
 import numpy as np
 
 from bundle.contract import pad_to_longest
+from bundle.runtime import ModelOutputs
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
-from service.runtime import ModelOutputs
 from service.settings import BatchLimits
 
 logger = logging.getLogger("service.batcher")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bundle import BundleError, Manifest, verify_bundle
 from bundle.contract import LOGITS_OUTPUT, TOKENIZER_FILE
-from service.runtime import OnnxRuntime, cuda_available
+from bundle.runtime import OnnxRuntime, cuda_available
 from service.settings import BatchLimits, Settings
 from service.tokenization import TextTokenizer
 

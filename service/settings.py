@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)  # from the first byte (or the connection) to the headers' end
     body_timeout_s: float = Field(30.0, gt=0)  # from the headers' end to the body's end
     api_key: str | None = None
-    intra_op_threads: int = Field(0, ge=0)  # 0: service.runtime.default_intra_op_threads()
+    intra_op_threads: int = Field(0, ge=0)  # 0: bundle.runtime.default_intra_op_threads()
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bundle.runtime import ModelOutputs
 from service.batcher import Batcher, InferenceResult, pick_batch
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
-from service.runtime import ModelOutputs
 from service.settings import BatchLimits
 
 PAD_ID = 0

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from bundle.runtime import ModelOutputs
 from service.app import create_app
 from service.bundle_loader import load_model
 from service.cli import SERVE_FLAGS, add_serve_arguments, settings_overrides
 from service.errors import ErrorType, reject_reason
 from service.middleware import OPEN_PATHS
-from service.runtime import ModelOutputs
 from service.settings import CPU_BATCH_LIMITS, CUDA_BATCH_LIMITS, Settings, SettingsError, settings_from
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def test_serving_never_imports_torch() -> None:
     probe = (
         "import sys, encoder_cli\n"
         "encoder_cli.build_parser()\n"  # what `encoder serve` imports before it runs
-        "import service.server, service.app, service.batcher, service.runtime\n"
+        "import service.server, service.app, service.batcher, bundle.runtime\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
     )
     finished = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True)

@@ -1,5 +1,8 @@
 """The ONNX Runtime session: provider choice, thread settings, IO binding on CUDA, warm-up.
 
+It lives in bundle/, not service/, because two parts run bundles: the service, and distillation's
+teacher pass (model/teacher.py). Only this module imports onnxruntime; `import bundle` does not.
+
 The graph contract is bundle/contract.py: int64 inputs `input_ids` and `attention_mask` of shape
 [batch, seq]; outputs `embedding` [batch, dim] and, with a classifier, `logits` [batch, labels].
 """
@@ -15,7 +18,7 @@ import onnxruntime as ort
 from bundle import BundleError
 from bundle.contract import EMBEDDING_OUTPUT, INPUT_NAMES, LOGITS_OUTPUT
 
-logger = logging.getLogger("service.runtime")
+logger = logging.getLogger("bundle.runtime")
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
