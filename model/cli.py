@@ -281,6 +281,9 @@ def _add_teacher_comparison(parser: argparse.ArgumentParser) -> None:
         "--teacher", type=Path, help="also score this teacher bundle (ONNX Runtime) and compare the two"
     )
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for the teacher")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="with --teacher: cache its outputs here (as distill does) for reuse"
+    )
 
 
 def run_data_wordnet(args: argparse.Namespace) -> dict[str, Any]:
@@ -451,5 +454,7 @@ def run_eval_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     from model.evaluate import evaluate_retrieval
 
     if args.teacher is not None:
-        return compare_retrieval(args.model, args.teacher, args.queries, args.corpus, args.threads)
+        return compare_retrieval(
+            args.model, args.teacher, args.queries, args.corpus, args.threads, args.cache_dir
+        )
     return evaluate_retrieval(args.model, args.queries, args.corpus)

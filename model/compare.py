@@ -18,7 +18,7 @@ from model.errors import ModelError
 from model.evaluate import infer, rank_and_score, read_classification_rows, read_retrieval_data
 from model.metrics import classification_metrics
 from model.run import load_run
-from model.teacher import Teacher
+from model.teacher import Teacher, TeacherOutputs, open_cache
 from model.tokenizer import load_tokenizer
 from model.training import Schedule, StepResult, TrainLoop, batch_rows
 
@@ -58,12 +58,27 @@ def agreement(
     return figures
 
 
+def teacher_outputs_on(
+    teacher: Teacher, texts: list[str], cache_dir: Path | None, desc: str
+) -> TeacherOutputs:
+    """The teacher's outputs on an evaluation set, through the distillation cache when one is given
+    (a second comparison on the same set, with another student, then skips the teacher)."""
+    if cache_dir is None:
+        return teacher.outputs(texts, desc=desc)
+    return open_cache(teacher.cached_outputs(texts, cache_dir).path)
+
+
 def _ratio(student: float, teacher: float) -> float | None:
     return round(student / teacher, 4) if teacher else None
 
 
 def compare_retrieval(
-    model_path: Path, teacher_path: Path, queries_path: Path, corpus_path: Path, threads: int = 0
+    model_path: Path,
+    teacher_path: Path,
+    queries_path: Path,
+    corpus_path: Path,
+    threads: int = 0,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Recall@1/10 and MRR@10 of the student, of the teacher and, when the student's vectors live in
     the teacher's space (same dimension), of mixed search: teacher-embedded documents, student queries."""
@@ -75,8 +90,12 @@ def compare_retrieval(
     device = torch.device("cpu")
     student_queries = infer(module, tokenizer, data.query_texts, device, desc="student queries")[0]
     student_docs = infer(module, tokenizer, data.doc_texts, device, desc="student corpus")[0]
-    teacher_queries = torch.from_numpy(teacher.outputs(data.query_texts, desc="teacher queries").embeddings)
-    teacher_docs = torch.from_numpy(teacher.outputs(data.doc_texts, desc="teacher corpus").embeddings)
+    teacher_queries = torch.from_numpy(
+        np.asarray(teacher_outputs_on(teacher, data.query_texts, cache_dir, "teacher queries").embeddings)
+    )
+    teacher_docs = torch.from_numpy(
+        np.asarray(teacher_outputs_on(teacher, data.doc_texts, cache_dir, "teacher corpus").embeddings)
+    )
     student = rank_and_score(student_queries, student_docs, data.doc_ids, data.relevant)
     teacher_scores = rank_and_score(teacher_queries, teacher_docs, data.doc_ids, data.relevant)
     result: dict[str, Any] = {
@@ -138,6 +157,7 @@ def compare_classify(
     probe_train: Path | None = None,
     probe_limit: int | None = None,
     threads: int = 0,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Accuracy of student and teacher on single-label data: of their classifiers, or, with
     `probe_train`, of a linear probe on each one's frozen embeddings (a teacher without a classifier)."""
@@ -149,7 +169,7 @@ def compare_classify(
     module = run.inference_module()
     device = torch.device("cpu")
     student_embeddings, student_logits = infer(module, tokenizer, texts, device, desc="student")
-    teacher_outputs = teacher.outputs(texts, desc="teacher")
+    teacher_outputs = teacher_outputs_on(teacher, texts, cache_dir, "teacher")
     result: dict[str, Any] = {"examples": len(texts), "model": str(model_path), "teacher_name": teacher.name}
     if probe_train is not None:
         train_texts, train_targets = read_classification_rows(probe_train, multi_label=False)
@@ -158,10 +178,12 @@ def compare_classify(
         if unknown:
             raise ModelError(f"{data_path}: label {unknown[0]!r} does not occur in {probe_train}")
         student_train = infer(module, tokenizer, train_texts, device, desc="student probe")[0]
-        teacher_train = torch.from_numpy(teacher.outputs(train_texts, desc="teacher probe").embeddings)
+        teacher_train = torch.from_numpy(
+            np.asarray(teacher_outputs_on(teacher, train_texts, cache_dir, "teacher probe").embeddings)
+        )
         student_accuracy = linear_probe_accuracy(student_train, train_labels, student_embeddings, wanted)
         teacher_accuracy = linear_probe_accuracy(
-            teacher_train, train_labels, torch.from_numpy(teacher_outputs.embeddings), wanted
+            teacher_train, train_labels, torch.from_numpy(np.asarray(teacher_outputs.embeddings)), wanted
         )
         result.update(probe_train_rows=len(train_texts), mode="linear_probe")
     else:
@@ -174,7 +196,7 @@ def compare_classify(
             wanted, [student_labels[i] for i in student_logits.argmax(dim=1).tolist()]
         )["accuracy"]
         teacher_accuracy = classification_metrics(
-            wanted, [teacher_labels[i] for i in teacher_outputs.logits.argmax(axis=1).tolist()]
+            wanted, [teacher_labels[i] for i in np.asarray(teacher_outputs.logits).argmax(axis=1).tolist()]
         )["accuracy"]
         result["mode"] = "classifier"
         same_order = student_labels == teacher_labels  # logits compare index by index
