@@ -130,7 +130,7 @@ def register(subparsers: Any) -> None:
     classify.add_argument(
         "--head-epochs",
         type=float,
-        default=5.0,
+        default=10.0,
         help="then fit the heads on the frozen encoder's features of every training row (0: skip)",
     )
     classify.add_argument(
