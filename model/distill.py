@@ -48,6 +48,7 @@ from model.training import (
     StepResult,
     TrainLoop,
     batch_rows,
+    held_out_split,
     pick_device,
     set_threads,
 )
@@ -234,13 +235,6 @@ def _check(options: DistillOptions, distributed: Distributed) -> None:
         raise ModelError(f"batch size {options.batch_size} must be divisible by the {ranks} ranks")
 
 
-def _split(rows: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
-    """(training rows, held-out rows): a seeded random tenth at most, at least one row each."""
-    held = min(holdout, rows // 10)
-    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[held:]), sorted(order[:held])
-
-
 def distill(options: DistillOptions) -> dict[str, Any]:
     started = time.perf_counter()
     threads = set_threads(options.threads)
@@ -319,7 +313,7 @@ def _distill(
         encoder, classifier, projection=projection if options.match_teacher_space else None
     )
 
-    train_rows, held_rows = _split(len(corpus.texts), options.holdout, options.seed)
+    train_rows, held_rows = held_out_split(len(corpus.texts), options.holdout, options.seed)
     held_texts = [corpus.texts[i] for i in held_rows]
 
     def held_out_agreement() -> dict[str, float]:

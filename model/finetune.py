@@ -33,7 +33,16 @@ from model.metrics import retrieval_metrics
 from model.negatives import mine_bm25_negatives
 from model.run import METRICS_FILE, LoadedRun, load_run, save_run
 from model.tokenizer import SPECIAL_TOKENS, load_tokenizer
-from model.training import MetricsLog, Schedule, StepResult, TrainLoop, batch_rows, pick_device, set_threads
+from model.training import (
+    MetricsLog,
+    Schedule,
+    StepResult,
+    TrainLoop,
+    batch_rows,
+    held_out_split,
+    pick_device,
+    set_threads,
+)
 
 
 @dataclass
@@ -124,11 +133,10 @@ class Pairs:
     def split_validation(self, seed: int) -> tuple["Pairs", "Pairs | None"]:
         """-> (training pairs, held-out pairs), the held-out ones a seeded random tenth (at most
         VALIDATION_PAIRS); no held-out pairs for SimCSE or when there would be too few to rank."""
-        held_out = min(VALIDATION_PAIRS, len(self.queries) // 10)
-        if self.simcse or held_out < MIN_VALIDATION_PAIRS:
+        if self.simcse or min(VALIDATION_PAIRS, len(self.queries) // 10) < MIN_VALIDATION_PAIRS:
             return self, None
-        order = torch.randperm(len(self.queries), generator=torch.Generator().manual_seed(seed)).tolist()
-        return self.select(sorted(order[held_out:])), self.select(sorted(order[:held_out]))
+        training, held_out = held_out_split(len(self.queries), VALIDATION_PAIRS, seed)
+        return self.select(training), self.select(held_out)
 
 
 def read_pairs(path: Path, limit: int | None = None) -> Pairs:
@@ -495,8 +503,9 @@ def build_sketch(pairs: Pairs, tokenizer: Any, vocab_size: int, dim: int, seed: 
 @torch.no_grad()
 def sketch_texts(sketch: LexicalSketch, tokenizer: Any, texts: list[str]) -> torch.Tensor:
     tokens = TokenizedTexts.encode(tokenizer, texts)
-    pieces = [sketch(*tokens.batch(rows)) for rows in tokens.length_sorted_batches(INFERENCE_BATCH)]
-    order = [row for rows in tokens.length_sorted_batches(INFERENCE_BATCH) for row in rows]
+    batches = tokens.length_sorted_batches(INFERENCE_BATCH)
+    pieces = [sketch(*tokens.batch(rows)) for rows in batches]
+    order = [row for rows in batches for row in rows]
     return torch.cat(pieces)[torch.argsort(torch.tensor(order))]
 
 

@@ -180,6 +180,13 @@ def batch_rows(rows: int, batch_size: int, seed: int, step: int) -> list[int]:
     return order[position * batch_size : (position + 1) * batch_size].tolist()
 
 
+def held_out_split(rows: int, at_most: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows), both sorted: a seeded random tenth of the rows, at most `at_most`."""
+    held = min(at_most, rows // 10)
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
+
+
 @dataclass
 class StepResult:
     """What one step's loss function hands the loop: the loss to minimise, the tokens it processed
