@@ -147,8 +147,8 @@ def test_export_refuses_unknown_variant(tiny_runs: Any, tmp_path: Path) -> None:
 
 
 def test_lexical_channel_exports_through_the_gates(tiny_runs: Any, tmp_path: Path) -> None:
-    """An embed run with a lexical sketch: the graph computes the unit-norm hybrid embedding, the fp32
-    and int8 gates pass, and texts sharing rare words come out closer than the encoder alone puts them."""
+    """An embed run with a lexical sketch: the graph computes the unit-norm hybrid embedding, whose
+    lexical part is the sketch's, and the fp32 and int8 gates pass."""
     import torch
 
     from export.bundle_writer import ExportOptions, write_bundle
@@ -159,6 +159,7 @@ def test_lexical_channel_exports_through_the_gates(tiny_runs: Any, tmp_path: Pat
     embed = load_run(tiny_runs.embed_run)
     idf = torch.linspace(0.5, 3.0, embed.config.vocab_size)
     idf[:5] = 0.0
+    sketch = LexicalSketch(idf, dim=16, seed=1)
     run = save_run(
         tmp_path / "run",
         kind="embed",
@@ -166,7 +167,7 @@ def test_lexical_channel_exports_through_the_gates(tiny_runs: Any, tmp_path: Pat
         weights=embed.weights,
         tokenizer_path=embed.tokenizer_path,
         normalize=True,
-        sketch=LexicalSketch(idf, dim=16, seed=1),
+        sketch=sketch,
         sketch_weight=4.0,
     )
     bundle = tmp_path / "bundle"
@@ -188,5 +189,6 @@ def test_lexical_channel_exports_through_the_gates(tiny_runs: Any, tmp_path: Pat
     session = onnxruntime.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     (embedding,) = session.run(None, {"input_ids": ids, "attention_mask": mask})
     np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
-    lexical = embedding[:, 32:] / np.linalg.norm(embedding[:, 32:], axis=1, keepdims=True)
-    assert lexical[0] @ lexical[1] > lexical[0] @ lexical[2] + 0.3
+    # The lexical part is the run's sketch of these ids, scaled by sqrt(w / (1 + w)).
+    expected = sketch(torch.from_numpy(ids), torch.from_numpy(mask)).numpy() * (4.0 / 5.0) ** 0.5
+    np.testing.assert_allclose(embedding[:, 32:], expected, atol=1e-5)

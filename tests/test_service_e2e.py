@@ -583,7 +583,7 @@ def test_prometheus_scrapes_the_service(base_url: str, tmp_path: Path) -> None:
                     value = float(results[0]["value"][1])
                     if value >= expected:
                         break
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError):  # not up yet, or a plain-text answer while starting
                 pass
             time.sleep(0.5)
         assert value is not None and value >= expected
