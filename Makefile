@@ -78,15 +78,16 @@ lint: $(BIN)/encoder system-deps
 MODEL_RUNS ?= runs/default
 PRETRAIN_STEPS ?= 600
 EMBED_STEPS ?= 400
+SEED ?= 0
 model: $(BIN)/encoder system-deps
 	$(BIN)/encoder data wordnet --out $(MODEL_RUNS)/data
 	$(BIN)/encoder tokenizer train --corpus $(MODEL_RUNS)/data/pretrain.txt --vocab-size 8192 --max-seq-len 128 \
 		--out $(MODEL_RUNS)/tokenizer.json
 	$(BIN)/encoder pretrain --tokenizer $(MODEL_RUNS)/tokenizer.json --corpus $(MODEL_RUNS)/data/pretrain.txt \
-		--preset mini --max-steps $(PRETRAIN_STEPS) --out $(MODEL_RUNS)/pretrain
+		--preset mini --max-steps $(PRETRAIN_STEPS) --seed $(SEED) --out $(MODEL_RUNS)/pretrain
 	$(BIN)/encoder finetune embed --init $(MODEL_RUNS)/pretrain --train $(MODEL_RUNS)/data/pairs_train.jsonl \
-		--max-steps $(EMBED_STEPS) --out $(MODEL_RUNS)/embed
-	$(BIN)/encoder finetune classify --init $(MODEL_RUNS)/embed --freeze-encoder \
+		--max-steps $(EMBED_STEPS) --seed $(SEED) --out $(MODEL_RUNS)/embed
+	$(BIN)/encoder finetune classify --init $(MODEL_RUNS)/embed --freeze-encoder --seed $(SEED) \
 		--train $(MODEL_RUNS)/data/classify_train.jsonl --eval $(MODEL_RUNS)/data/classify_test.jsonl \
 		--out $(MODEL_RUNS)/classify
 	$(BIN)/encoder eval retrieval --model $(MODEL_RUNS)/classify --queries $(MODEL_RUNS)/data/retrieval_queries.jsonl \
