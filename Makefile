@@ -79,8 +79,10 @@ MODEL_RUNS ?= runs/default
 PRETRAIN_STEPS ?= 600
 EMBED_STEPS ?= 400
 SEED ?= 0
+# DATA=debian runs the same recipe on Debian's package descriptions (the robustness check).
+DATA ?= wordnet
 model: $(BIN)/encoder system-deps
-	$(BIN)/encoder data wordnet --out $(MODEL_RUNS)/data
+	$(BIN)/encoder data $(DATA) --out $(MODEL_RUNS)/data
 	$(BIN)/encoder tokenizer train --corpus $(MODEL_RUNS)/data/pretrain.txt --vocab-size 8192 --max-seq-len 128 \
 		--out $(MODEL_RUNS)/tokenizer.json
 	$(BIN)/encoder pretrain --tokenizer $(MODEL_RUNS)/tokenizer.json --corpus $(MODEL_RUNS)/data/pretrain.txt \

@@ -139,6 +139,12 @@ def register(subparsers: Any) -> None:
         help="hashed-bigram buckets of the lexical head (default: sized to the data; 0: no lexical head)",
     )
     classify.add_argument(
+        "--class-balance",
+        type=float,
+        default=0.5,
+        help="single-label loss weights (1 / class frequency) ** this: 0 plain, 1 fully balanced",
+    )
+    classify.add_argument(
         "--pairs",
         type=Path,
         help='multi-task: also train the embedding on these JSON lines {"query", "positive"}, so one '
@@ -357,6 +363,7 @@ def run_finetune_classify(args: argparse.Namespace) -> dict[str, Any]:
         pairs=args.pairs,
         head_epochs=args.head_epochs,
         lexical_buckets=args.lexical_buckets,
+        class_balance=args.class_balance,
         seed=args.seed,
         device=args.device,
         threads=args.threads,

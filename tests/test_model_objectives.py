@@ -14,7 +14,7 @@ from model.electra import (
     replaced_token_labels,
     replaced_token_loss,
 )
-from model.finetune import contrastive_loss
+from model.finetune import class_weights, contrastive_loss
 from model.negatives import mine_bm25_negatives
 from model.tokenizer import MASK_ID, SPECIAL_TOKENS
 from model.training import LoopState, Schedule, StepResult, TrainLoop, batch_rows
@@ -211,3 +211,15 @@ def test_hybrid_embedding_cosine_is_the_weighted_mean_of_both_cosines() -> None:
     dense_cos = F.cosine_similarity(dense[0], dense[1], dim=0)
     lexical_cos = lexical[0] @ lexical[1]
     torch.testing.assert_close(hybrid[0] @ hybrid[1], (dense_cos + 2.0 * lexical_cos) / 3.0)
+
+
+def test_class_weights_follow_inverse_frequency_to_the_given_power() -> None:
+    # 6 rows: class 0 has 4, class 1 has 2, class 2 none.
+    targets = F.one_hot(torch.tensor([0, 0, 0, 0, 1, 1]), num_classes=3).float()
+    balanced = class_weights(targets, 1.0)
+    assert torch.allclose(balanced, torch.tensor([6 / (3 * 4), 6 / (3 * 2), 0.0]))
+    assert torch.allclose(class_weights(targets, 0.5), torch.tensor([0.5**0.5, 1.0, 0.0]))
+    assert torch.allclose(class_weights(targets, 0.0), torch.tensor([1.0, 1.0, 0.0]))
+    # Fully balanced weights make both classes contribute equally to the loss's numerator.
+    per_class = balanced[:2] * targets[:, :2].sum(dim=0)
+    assert torch.allclose(per_class[0], per_class[1])
