@@ -93,7 +93,7 @@ model: $(BIN)/encoder system-deps
 		--train $(MODEL_RUNS)/data/classify_train.jsonl --eval $(MODEL_RUNS)/data/classify_test.jsonl \
 		--out $(MODEL_RUNS)/classify
 	$(BIN)/encoder eval retrieval --model $(MODEL_RUNS)/classify --queries $(MODEL_RUNS)/data/retrieval_queries.jsonl \
-		--corpus $(MODEL_RUNS)/data/retrieval_corpus.jsonl
+		--corpus $(MODEL_RUNS)/data/retrieval_corpus.jsonl --record
 	$(BIN)/encoder export --model $(MODEL_RUNS)/classify --name default --variants fp32,int8 --fuse \
 		--eval $(MODEL_RUNS)/data/classify_test.jsonl --out $(BUNDLE) --force
 

@@ -279,6 +279,11 @@ def register(subparsers: Any) -> None:
     )
     retrieval.add_argument("--corpus", required=True, type=Path, help='JSON lines {"id", "text"}')
     _add_teacher_comparison(retrieval)
+    retrieval.add_argument(
+        "--record",
+        action="store_true",
+        help="also store the figures in the run's summary (an export's manifest then carries them)",
+    )
     retrieval.set_defaults(handler=run_eval_retrieval)
 
 
@@ -459,9 +464,13 @@ def run_eval_classify(args: argparse.Namespace) -> dict[str, Any]:
 def run_eval_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     from model.compare import compare_retrieval
     from model.evaluate import evaluate_retrieval
+    from model.run import record_evaluation
 
     if args.teacher is not None:
         return compare_retrieval(
             args.model, args.teacher, args.queries, args.corpus, args.threads, args.cache_dir
         )
-    return evaluate_retrieval(args.model, args.queries, args.corpus)
+    figures = evaluate_retrieval(args.model, args.queries, args.corpus)
+    if args.record:
+        record_evaluation(args.model, "retrieval_eval", figures)
+    return figures

@@ -201,6 +201,16 @@ def save_run(
     return path
 
 
+def record_evaluation(path: Path, name: str, figures: dict[str, Any]) -> None:
+    """Add evaluation figures to a run's summary (as summary[name]), so that an export's manifest,
+    which copies the summary, carries them next to the recipe."""
+    run_json = _read_json(path / RUN_FILE)
+    run_json["summary"] = {**(run_json.get("summary") or {}), name: figures}
+    partial = path / (RUN_FILE + ".partial")
+    partial.write_text(json.dumps(run_json, indent=2) + "\n")
+    partial.replace(path / RUN_FILE)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError(f"{path}: missing (is {path.parent} a run directory?)")

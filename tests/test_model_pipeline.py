@@ -157,10 +157,12 @@ def test_end_to_end(corpus: dict[str, Path], tokenizer: Path, tmp_path: Path, ca
     assert 0 < scores["macro_f1"] <= 1
     scores = encoder(
         f"eval retrieval --model {classify} --queries {root / 'queries.jsonl'} "
-        f"--corpus {root / 'corpus.jsonl'}",
+        f"--corpus {root / 'corpus.jsonl'} --record",
         capsys,
     )
     assert set(scores) >= {"recall@1", "recall@10", "mrr@10"} and scores["recall@10"] >= scores["recall@1"]
+    recorded = load_run(classify).summary
+    assert recorded["retrieval_eval"] == scores and recorded["eval"] == result["eval"]  # nothing else lost
 
     # Multi-task: one encoder fine-tuned on the classes and the pairs together.
     multitask = tmp_path / "multitask"
