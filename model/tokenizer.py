@@ -32,6 +32,13 @@ def train_tokenizer(
         vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=show_progress
     )
     tokenizer.train([str(path) for path in corpus_files], trainer)
+    # The trainer numbers tokens of equal frequency in hash-map order, which differs from process to
+    # process; renumbering the learned vocabulary (special tokens first, then the rest sorted) makes
+    # the same corpus give the same ids, so `make model` is reproducible. WordPiece only looks tokens
+    # up by their text, so the order changes nothing else.
+    learned = sorted(token for token in tokenizer.get_vocab() if token not in SPECIAL_TOKENS)
+    vocabulary = {token: index for index, token in enumerate(SPECIAL_TOKENS + learned)}
+    tokenizer.model = WordPiece(vocabulary, unk_token="[UNK]", max_input_chars_per_word=100)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",

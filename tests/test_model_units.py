@@ -116,6 +116,14 @@ def test_tokenizer_special_tokens_and_truncation(tmp_path: Path) -> None:
     assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
     encoding = tokenizer.encode("the cat sat on the mat the cat sat on the mat")
     assert len(encoding.ids) == 8 and encoding.ids[0] == 2 and encoding.ids[-1] == 3
+    # Ids are canonical (special tokens, then the learned tokens sorted), so a retrained tokenizer
+    # numbers its tokens the same way, and the learned tokens still tokenise whole words.
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    learned = [token for token, _ in vocabulary[len(SPECIAL_TOKENS) :]]
+    assert learned == sorted(learned) and "cat" in learned
+    assert tokenizer.encode("the cat").tokens == ["[CLS]", "the", "cat", "[SEP]"]
+    train_tokenizer([corpus], 120, tmp_path / "again.json", max_seq_len=8, show_progress=False)
+    assert (tmp_path / "again.json").read_bytes() == (tmp_path / "tok.json").read_bytes()
 
 
 def test_run_round_trip_and_corrupt_weights(tiny_runs: Any, tmp_path: Path) -> None:
