@@ -28,8 +28,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def set_threads(threads: int | None) -> int:
-    """A fixed intra-op thread count: CPU results are only reproducible for the same count."""
-    count = threads or min(4, os.cpu_count() or 1)
+    """A fixed intra-op thread count: CPU results are only reproducible for the same count. The
+    default counts the CPUs this process may run on (taskset, a container's cpuset), not the host's."""
+    count = threads or min(4, len(os.sched_getaffinity(0)))
     torch.set_num_threads(count)
     return count
 
