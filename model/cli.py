@@ -38,7 +38,9 @@ def _dims(text: str) -> list[int]:
 def _add_common_training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--threads", type=int, help="intra-op CPU threads (default: min(4, the CPUs this process may use))")
+    parser.add_argument(
+        "--threads", type=int, help="intra-op CPU threads (default: min(4, the CPUs this process may use))"
+    )
     parser.add_argument(
         "--budget-minutes", type=_positive_float, help="wall-clock budget; schedule sized to it"
     )
