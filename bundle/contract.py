@@ -5,6 +5,11 @@ A bundle's ONNX graph takes two int64 inputs of shape [batch, sequence], both ax
 `input_ids` (right-padded with the tokenizer's [PAD] id) and `attention_mask` (1 for a real token,
 0 for padding). It returns `embedding` [batch, dim] and, when the model has a classifier head,
 `logits` [batch, labels], in that order. The tokenizer is a Hugging Face `tokenizers` file.
+
+A reranker (cross-encoder) bundle has the same interface: each row is a (query, passage) pair encoded
+with the tokenizer's pair template ([CLS] q [SEP] p [SEP]; a model with token types derives them from
+the [SEP] positions inside the graph), `logits` is [batch, 1], the pair's relevance, and `embedding`
+the pooled pair that the head reads.
 """
 
 from collections.abc import Sequence

@@ -67,6 +67,21 @@ class ClassifierSpec(_Strict):
     multi_label: bool = False
 
 
+class RerankerSpec(_Strict):
+    """A cross-encoder's relevance head: the graph's input is a (query, passage) pair encoded with the
+    tokenizer's pair template, and its `logits` output holds one relevance logit per pair."""
+
+    # How the service builds the input: the tokenizer's pair template (e.g. [CLS] q [SEP] p [SEP], token
+    # types computed inside the graph where the model has them), cut from the passage's end only.
+    pair_template: Literal["tokenizer"] = "tokenizer"
+    # The score /rerank returns unless raw_scores: sigmoid(logit), as TEI and sentence-transformers do
+    # for a one-label cross-encoder.
+    activation: Literal["sigmoid"] = "sigmoid"
+
+
+HeadName = Literal["embedding", "classifier", "reranker"]
+
+
 class VariantSpec(_Strict):
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -97,11 +112,40 @@ class Manifest(_Strict):
     max_seq_len: int = Field(gt=0)
     embedding: EmbeddingSpec
     classifier: ClassifierSpec | None = None
+    reranker: RerankerSpec | None = None
+    # What the bundle serves, said once: "embedding" (/embed and the routes built on it), "classifier"
+    # (/classify, /predict) or "reranker" (/rerank; its `embedding` output is only the pooled pair the
+    # head reads). Filled in from the specs when a manifest (format 1, older) does not list it.
+    heads: list[HeadName] = Field(default_factory=list)
     variants: dict[VariantName, VariantSpec]
     tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     source: str = "encoder"  # "encoder" (trained here) or "import-hf:<dir name>"
     training: dict[str, Any] = Field(default_factory=dict)  # training/eval summary
     teacher: TeacherSpec | None = None  # set for a distilled student
+
+    @model_validator(mode="before")
+    @classmethod
+    def _heads_from_specs(cls, values: Any) -> Any:
+        if isinstance(values, dict) and not values.get("heads"):
+            if values.get("reranker") is not None:
+                values = {**values, "heads": ["reranker"]}
+            elif values.get("classifier") is not None:
+                values = {**values, "heads": ["embedding", "classifier"]}
+            else:
+                values = {**values, "heads": ["embedding"]}
+        return values
+
+    @model_validator(mode="after")
+    def _heads_match_specs(self) -> "Manifest":
+        if self.classifier is not None and self.reranker is not None:
+            raise ValueError("a bundle has a classifier or a reranker, not both (they share the logits)")
+        if ("classifier" in self.heads) != (self.classifier is not None):
+            raise ValueError("heads lists classifier exactly when the manifest has a classifier")
+        if ("reranker" in self.heads) != (self.reranker is not None):
+            raise ValueError("heads lists reranker exactly when the manifest has a reranker")
+        if "reranker" in self.heads and "embedding" in self.heads:
+            raise ValueError("a reranker's pooled pair is not a text embedding: heads cannot list both")
+        return self
 
     @model_validator(mode="after")
     def _fp32_present(self) -> "Manifest":

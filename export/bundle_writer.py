@@ -23,6 +23,7 @@ from bundle.manifest import (
     ClassifierSpec,
     EmbeddingSpec,
     Manifest,
+    RerankerSpec,
     TeacherSpec,
     VariantSpec,
     file_sha256,
@@ -47,6 +48,7 @@ class ExportSource:
     architecture: Architecture
     embedding: EmbeddingSpec
     classifier: ClassifierSpec | None = None
+    reranker: RerankerSpec | None = None  # a cross-encoder: pair-encoded inputs, one logit per pair
     source: str = "encoder"
     training: dict[str, Any] = field(default_factory=dict)
     teacher: TeacherSpec | None = None
@@ -88,9 +90,16 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
     module = source.module.eval()
     source.tokenizer.save(str(staging / TOKENIZER_FILE))
     texts = parity.BUILTIN_TEXTS + (options.eval_data.texts[: parity.MAX_TEXTS] if options.eval_data else [])
-    batches = parity.build_batches(source.tokenizer, texts, source.max_seq_len)
+    pairs = source.reranker is not None
+    batches = parity.build_batches(source.tokenizer, texts, source.max_seq_len, pairs)
     reference = parity.torch_runner(module)
     labels = source.classifier.labels if source.classifier else None
+
+    def task_metric(runner: parity.Runner) -> dict[str, float]:
+        assert options.eval_data is not None
+        if pairs:
+            return parity.rerank_metric(runner, source.tokenizer, options.eval_data)
+        return parity.task_metric(runner, source.tokenizer, options.eval_data, labels)
 
     progress("export fp32 graph")
     fp32_path = staging / VARIANT_FILES["fp32"]
@@ -111,10 +120,8 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
     reference_metric: dict[str, float] = {}
     if options.eval_data is not None:
         progress("task metric on the eval data")
-        reference_metric = parity.task_metric(reference, source.tokenizer, options.eval_data, labels)
-        fp32_metric = parity.task_metric(
-            parity.ort_runner(fp32_path), source.tokenizer, options.eval_data, labels
-        )
+        reference_metric = task_metric(reference)
+        fp32_metric = task_metric(parity.ort_runner(fp32_path))
         parities["fp32"] |= {f"torch_{name}": value for name, value in reference_metric.items()}
         parities["fp32"] |= parity.check_metric("fp32", reference_metric, fp32_metric, options.thresholds)
 
@@ -133,7 +140,7 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
         runner = parity.ort_runner(path)
         parities[variant] = parity.check_reduced(variant, fp32_runner, runner, batches, min_cosine)
         if options.eval_data is not None:
-            metric = parity.task_metric(runner, source.tokenizer, options.eval_data, labels)
+            metric = task_metric(runner)
             parities[variant] |= parity.check_metric(variant, reference_metric, metric, options.thresholds)
 
     if options.fuse:
@@ -157,6 +164,7 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
         max_seq_len=source.max_seq_len,
         embedding=source.embedding,
         classifier=source.classifier,
+        reranker=source.reranker,
         variants=variants,
         tokenizer_sha256=file_sha256(staging / TOKENIZER_FILE),
         source=source.source,

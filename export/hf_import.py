@@ -1,5 +1,9 @@
 """A local Hugging Face BERT-family checkpoint (or sentence-transformers folder) as an export source.
 
+A sequence-classification checkpoint with one label (a cross-encoder, e.g. the ms-marco MiniLM
+rerankers) becomes a reranker bundle instead: its graph takes pair-encoded inputs and returns the
+classifier's logit (`PairScorer`).
+
 The transformers model is wrapped with the pooling of the folder's 1_Pooling/config.json (mean or
 CLS), so the exported graph has the same interface as the project's own: pooled, not normalised.
 A Normalize module only sets the bundle's `normalize` flag; the named prompts of
@@ -14,7 +18,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from bundle.manifest import Architecture, EmbeddingSpec
+from bundle.manifest import Architecture, EmbeddingSpec, RerankerSpec
 from export.bundle_writer import ExportSource
 from export.errors import ExportError
 
@@ -40,6 +44,43 @@ class PooledTransformer(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         # clamp(min=1): an all-padding row pools to zeros instead of 0/0.
         return ((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0),)
+
+
+class PairScorer(nn.Module):
+    """(input_ids, attention_mask) of pair-encoded rows -> (pooled [CLS] state, relevance logit (B, 1)).
+
+    The bundle's graph takes only ids and mask, so the token types BERT needs for a pair are derived in
+    the graph, as the tokenizer's pair template sets them: 0 up to and including the first [SEP], 1
+    after it (padding too, which the mask hides)."""
+
+    def __init__(self, model: nn.Module, sep_id: int, token_types: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.sep_id = sep_id
+        self.token_types = token_types
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        token_type_ids = torch.zeros_like(input_ids)
+        if self.token_types:
+            is_sep = (input_ids == self.sep_id).to(torch.int64)
+            token_type_ids = ((is_sep.cumsum(dim=1) - is_sep) > 0).to(torch.int64)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=True,
+        )
+        return outputs.hidden_states[-1][:, 0], outputs.logits
+
+
+def is_cross_encoder(config: Any) -> bool:
+    """A sequence-classification checkpoint with one label: a reranker (cross-encoder)."""
+    architectures = getattr(config, "architectures", None) or []
+    return (
+        any(name.endswith("ForSequenceClassification") for name in architectures) and config.num_labels == 1
+    )
 
 
 def sentence_transformers_layout(model_dir: Path) -> tuple[str | None, bool, int | None]:
@@ -134,10 +175,12 @@ def source_from_hf(
     config = AutoConfig.from_pretrained(str(model_dir))
     if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "num_hidden_layers"):
         raise ExportError(f"{model_dir}: {config.model_type} is not a BERT-family encoder")
-    # Eager attention exports to plain MatMul/Softmax and stays finite on an all-padding row.
-    backbone = AutoModel.from_pretrained(str(model_dir), config=config, attn_implementation="eager").eval()
     position_limit = getattr(config, "max_position_embeddings", 512)
     max_seq_len = min(max_seq_len or st_max_len or position_limit, position_limit)
+    if is_cross_encoder(config):
+        return _cross_encoder_source(model_dir, config, name, max_seq_len)
+    # Eager attention exports to plain MatMul/Softmax and stays finite on an all-padding row.
+    backbone = AutoModel.from_pretrained(str(model_dir), config=config, attn_implementation="eager").eval()
     chosen_pooling = (st_pooling or "mean") if pooling == "auto" else pooling
     chosen_normalize = normalize if normalize is not None else (st_normalize or st_pooling is None)
     return ExportSource(
@@ -162,4 +205,35 @@ def source_from_hf(
         ),
         source=f"import-hf:{model_dir.resolve().name}",
         training={"imported_from": str(model_dir.resolve()), "sentence_transformers": st_pooling is not None},
+    )
+
+
+def _cross_encoder_source(model_dir: Path, config: Any, name: str | None, max_seq_len: int) -> ExportSource:
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(model_dir, max_seq_len)
+    sep_id = tokenizer.token_to_id("[SEP]")
+    pair = tokenizer.encode("a", "b")
+    if sep_id is None or pair.ids.count(sep_id) != 2:
+        raise ExportError(f"{model_dir}: the tokenizer's pair template is not [CLS] a [SEP] b [SEP]")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir), config=config, attn_implementation="eager"
+    ).eval()
+    return ExportSource(
+        module=PairScorer(model, sep_id, token_types=getattr(config, "type_vocab_size", 0) >= 2).eval(),
+        tokenizer=tokenizer,
+        name=name or model_dir.resolve().name,
+        max_seq_len=max_seq_len,
+        architecture=Architecture(
+            kind=f"hf-{config.model_type}",
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            vocab_size=config.vocab_size,
+            parameter_count=sum(parameter.numel() for parameter in model.parameters()),
+        ),
+        embedding=EmbeddingSpec(dim=config.hidden_size, pooling="cls", normalize=False),
+        reranker=RerankerSpec(),
+        source=f"import-hf:{model_dir.resolve().name}",
+        training={"imported_from": str(model_dir.resolve()), "cross_encoder": True},
     )

@@ -6,6 +6,7 @@ with the one-by-one result. int8 and fp16 are compared with fp32 ONNX by cosine,
 by the task metric on the eval data when some is given. Every figure goes into the manifest.
 """
 
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,9 +109,18 @@ def encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     return [encoding.ids for encoding in tokenizer.encode_batch(texts)]
 
 
-def build_batches(tokenizer: Tokenizer, texts: list[str], max_seq_len: int) -> list[Batch]:
-    """The real-text batch first, then the edge cases."""
+def encode_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> list[list[int]]:
+    """(query, passage) pairs with the tokenizer's pair template, as a reranker's graph takes them."""
+    return [encoding.ids for encoding in tokenizer.encode_batch(pairs)]
+
+
+def build_batches(
+    tokenizer: Tokenizer, texts: list[str], max_seq_len: int, pairs: bool = False
+) -> list[Batch]:
+    """The real-text batch first (for a reranker: pairs of consecutive texts), then the edge cases."""
     sequences = encode(tokenizer, texts[:MAX_TEXTS])
+    if pairs:
+        sequences = encode_pairs(tokenizer, list(itertools.pairwise(texts[: MAX_TEXTS + 1])))
     long_text = " ".join(texts * (1 + 4 * max_seq_len // max(1, len(" ".join(texts).split()))))
     longest = encode(tokenizer, [long_text])[0][:max_seq_len]
     if len(longest) != max_seq_len:
@@ -183,18 +193,23 @@ def check_reduced(
     """int8/fp16 against fp32 ONNX: embedding cosine per non-empty row, logits top-1 agreement."""
     cosines: list[np.ndarray] = []
     agreements: list[np.ndarray] = []
+    scores: list[np.ndarray] = []  # |logit difference| of a one-logit head (a reranker): argmax says nothing
     for batch in batches:
         expected = fp32(batch.input_ids, batch.attention_mask)
         actual = candidate(batch.input_ids, batch.attention_mask)
         _check_finite(variant, batch, actual)
         non_empty = batch.attention_mask.sum(axis=1) > 0
         cosines.append(row_cosines(expected[0], actual[0])[non_empty])
-        if len(expected) == 2:
+        if len(expected) == 2 and expected[1].shape[1] == 1:
+            scores.append(np.abs(expected[1] - actual[1])[non_empty, 0])
+        elif len(expected) == 2:
             agreements.append(expected[1].argmax(axis=1)[non_empty] == actual[1].argmax(axis=1)[non_empty])
     all_cosines = np.concatenate(cosines)
     figures = {"min_cosine": float(all_cosines.min()), "mean_cosine": float(all_cosines.mean())}
-    if agreements:
+    if agreements and len(scores) == 0:
         figures["top1_agreement"] = float(np.concatenate(agreements).mean())
+    if scores:
+        figures["score_max_abs_diff"] = float(np.concatenate(scores).max())
     # Dynamic int8 scales depend on the whole batch, so batching changes results a little; bound it.
     _, figures["batched_vs_single_min_cosine"] = _batched_vs_single(candidate, batches[0])
     for figure in ("min_cosine", "batched_vs_single_min_cosine"):
@@ -218,6 +233,28 @@ def task_metric(
     positives = _unit(_encode_all(run, tokenizer, data.positives, output=0))
     best = (queries @ positives.T).argmax(axis=1)
     return {"recall@1": float(np.mean(best == np.arange(len(best))))}
+
+
+RERANK_QUERIES = 200  # eval queries of the rerank metric
+RERANK_CANDIDATES = 10  # passages per query: its positive and the next rows' positives
+
+
+def rerank_metric(run: Runner, tokenizer: Tokenizer, data: EvalData) -> dict[str, float]:
+    """A reranker's task metric on (query, positive) rows: MRR@10 of each query's positive among its
+    own and the following rows' positives, ranked by the graph's relevance logit."""
+    if data.positives is None:
+        raise ExportError("a reranker's eval data must be {query, positive} rows")
+    count = min(RERANK_QUERIES, len(data.texts))
+    width = min(RERANK_CANDIDATES, count)
+    reciprocal_rank = 0.0
+    for query in range(count):
+        candidates = [(query + offset) % count for offset in range(width)]
+        pairs = [(data.texts[query], data.positives[candidate]) for candidate in candidates]
+        logits = run(*pad(encode_pairs(tokenizer, pairs)))[1][:, 0]
+        order = np.argsort(-logits, kind="stable")
+        relevant = [data.positives[candidates[i]] == data.positives[query] for i in order]
+        reciprocal_rank += 1 / (relevant.index(True) + 1)
+    return {"mrr@10": reciprocal_rank / count}
 
 
 def _encode_all(run: Runner, tokenizer: Tokenizer, texts: list[str], output: int) -> np.ndarray:

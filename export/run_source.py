@@ -4,7 +4,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from bundle.manifest import Architecture, ClassifierSpec, EmbeddingSpec, TeacherSpec
+from bundle.manifest import Architecture, ClassifierSpec, EmbeddingSpec, RerankerSpec, TeacherSpec
 from export.bundle_writer import ExportSource
 
 
@@ -42,6 +42,7 @@ def source_from_run(run_dir: Path, name: str | None = None) -> ExportSource:
             matryoshka_dims=list(run.matryoshka_dims),
         ),
         classifier=classifier,
+        reranker=RerankerSpec() if run.kind == "rerank" else None,
         source="encoder",
         training={"kind": run.kind, **run.summary},
         teacher=TeacherSpec.model_validate(teacher) if teacher else None,

@@ -115,7 +115,9 @@ def register(subparsers: Any) -> None:
     pretrain.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     pretrain.set_defaults(handler=run_pretrain)
 
-    finetune = subparsers.add_parser("finetune", help="fine-tune a RUN for classification or embeddings")
+    finetune = subparsers.add_parser(
+        "finetune", help="fine-tune a RUN for classification, embeddings or reranking"
+    )
     finetune_kinds = finetune.add_subparsers(dest="finetune_kind", required=True, metavar="TASK")
     classify = finetune_kinds.add_parser("classify", help="classification head (single- or multi-label)")
     classify.add_argument("--init", required=True, type=Path, help="RUN to start from")
@@ -192,6 +194,32 @@ def register(subparsers: Any) -> None:
     _add_common_training(embed)
     _add_limit(embed)
     embed.set_defaults(handler=run_finetune_embed)
+
+    rerank = finetune_kinds.add_parser(
+        "rerank",
+        help="a cross-encoder: relevance of [CLS] query [SEP] passage [SEP] from one logit",
+        description="Fine-tune the init RUN's encoder with a one-logit head on pair-encoded (query, "
+        "passage) inputs. Each query is scored against its positive, its negative (the row's own, else "
+        "one mined with BM25) and other rows' positives in the batch.",
+    )
+    rerank.add_argument("--init", required=True, type=Path, help="RUN to start from (pretrain or embed)")
+    rerank.add_argument(
+        "--train", required=True, type=Path, help='JSON lines {"query", "positive"[, "negative"]}'
+    )
+    rerank.add_argument("--out", required=True, type=Path, help="RUN directory")
+    rerank.add_argument("--epochs", type=_positive_float, default=1.0)
+    rerank.add_argument(
+        "--in-batch-negatives",
+        type=_positive_int,
+        default=3,
+        help="other rows' positives scored against each query (default 3)",
+    )
+    rerank.add_argument(
+        "--no-mining", action="store_true", help="no BM25-mined negatives: rows' own and in-batch only"
+    )
+    _add_common_training(rerank)
+    _add_limit(rerank)
+    rerank.set_defaults(handler=run_finetune_rerank)
 
     distill = subparsers.add_parser(
         "distill",
@@ -287,6 +315,25 @@ def register(subparsers: Any) -> None:
         help="also store the figures in the run's summary (an export's manifest then carries them)",
     )
     retrieval.set_defaults(handler=run_eval_retrieval)
+    eval_rerank = eval_kinds.add_parser(
+        "rerank",
+        help="MRR@10 and nDCG@10 of a first stage's top candidates reranked, against the first stage alone",
+    )
+    eval_rerank.add_argument("--model", required=True, type=Path, help="rerank RUN")
+    eval_rerank.add_argument(
+        "--queries", required=True, type=Path, help='JSON lines {"id", "text", "relevant"}'
+    )
+    eval_rerank.add_argument("--corpus", required=True, type=Path, help='JSON lines {"id", "text"}')
+    eval_rerank.add_argument(
+        "--first-stage",
+        default="bm25",
+        help="bm25 (default), or an embed RUN directory whose cosine ranks the corpus",
+    )
+    eval_rerank.add_argument(
+        "--depth", type=_positive_int, default=50, help="first-stage candidates reranked (default 50)"
+    )
+    eval_rerank.add_argument("--limit", type=_positive_int, help="evaluate only the first N queries")
+    eval_rerank.set_defaults(handler=run_eval_rerank)
 
 
 def _add_teacher_comparison(parser: argparse.ArgumentParser) -> None:
@@ -412,6 +459,29 @@ def run_finetune_embed(args: argparse.Namespace) -> dict[str, Any]:
     return finetune_embed(options)
 
 
+def run_finetune_rerank(args: argparse.Namespace) -> dict[str, Any]:
+    from model.finetune import RerankOptions, finetune_rerank
+
+    options = RerankOptions(
+        init=args.init,
+        train=args.train,
+        out=args.out,
+        epochs=args.epochs,
+        in_batch_negatives=args.in_batch_negatives,
+        mine_negatives=not args.no_mining,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        budget_minutes=args.budget_minutes,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    return finetune_rerank(options)
+
+
 def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     from model.distill import DistillOptions, distill
 
@@ -476,3 +546,11 @@ def run_eval_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     if args.record:
         record_evaluation(args.model, "retrieval_eval", figures)
     return figures
+
+
+def run_eval_rerank(args: argparse.Namespace) -> dict[str, Any]:
+    from model.rerank import evaluate_rerank
+
+    if args.depth == 0:
+        raise ModelError("--depth must be at least 1")
+    return evaluate_rerank(args.model, args.queries, args.corpus, args.first_stage, args.depth, args.limit)

@@ -1,5 +1,5 @@
-"""`encoder finetune classify|embed`: a classification head, contrastive sentence embeddings, or both
-on one encoder (multi-task: `finetune classify --pairs`).
+"""`encoder finetune classify|embed|rerank`: a classification head, contrastive sentence embeddings, or
+both on one encoder (multi-task: `finetune classify --pairs`); or a cross-encoder (model/rerank.py).
 
 Both read their init RUN through load_run, so any RUN kind can be the starting point; a
 `pretrain --max-steps 0` RUN is the random-initialisation baseline. Both train through the one
@@ -7,7 +7,9 @@ TrainLoop of model/training.py; they differ only in the loss of a step:
 
 - ClassificationTask: cross-entropy (or per-label BCE) of a linear head on the mean-pooled encoder;
 - ContrastiveTask: InfoNCE of query against document embeddings, with in-batch negatives, optional
-  hard negatives (given in the data or mined with BM25), both directions (symmetric).
+  hard negatives (given in the data or mined with BM25), both directions (symmetric);
+- RerankTask (model/rerank.py): listwise and pointwise cross-entropy of a one-logit head on pair-encoded
+  (query, passage) inputs, against hard (given or BM25-mined) and in-batch negatives.
 
 An embed fine-tune then adds the embedding's lexical channel (model/lexical.py), weighted against the
 encoder by what ranks held-out training pairs best.
@@ -31,6 +33,7 @@ from model.evaluate import INFERENCE_BATCH, infer, read_classification_rows, sco
 from model.lexical import LexicalHead, LexicalSketch, hybrid_embedding, inverse_document_frequencies
 from model.metrics import retrieval_metrics
 from model.negatives import mine_bm25_negatives
+from model.rerank import RerankTask
 from model.run import METRICS_FILE, LoadedRun, load_run, save_run
 from model.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from model.training import (
@@ -109,7 +112,27 @@ class EmbedOptions:
     progress: bool = True
 
 
+@dataclass
+class RerankOptions:
+    init: Path
+    train: Path
+    out: Path
+    epochs: float = 1.0
+    in_batch_negatives: int = 3  # other rows' positives scored against each query, besides its hard one
+    mine_negatives: bool = True  # a BM25 hard negative for every pair that has none
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    budget_minutes: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None  # default 16 queries (x 1 + 1 + in_batch_negatives pairs)
+    lr: float | None = None  # default 3e-4
+    limit: int | None = None  # use only the first N training rows (quick builds)
+    progress: bool = True
+
+
 DEFAULT_EMBED_LR = 5e-4
+DEFAULT_RERANK_LR = 3e-4
 DEFAULT_CLASSIFY_LR = 5e-4
 DEFAULT_HEAD_LR = 3e-3  # a linear head on frozen features
 SPECIAL_IDS = list(range(len(SPECIAL_TOKENS)))
@@ -293,7 +316,9 @@ class ClassificationTask:
         return StepResult(self.head_loss(self.module.classifier(embeddings), rows), tokens)
 
 
-def _prepare(options: ClassifyOptions | EmbedOptions) -> tuple[LoadedRun, torch.device, float]:
+def _prepare(
+    options: ClassifyOptions | EmbedOptions | RerankOptions,
+) -> tuple[LoadedRun, torch.device, float]:
     started = time.perf_counter()
     set_threads(options.threads)
     device = pick_device(options.device)
@@ -307,7 +332,7 @@ def _train(
     module: nn.Module,
     step_loss: Any,
     planned_steps: int,
-    options: ClassifyOptions | EmbedOptions,
+    options: ClassifyOptions | EmbedOptions | RerankOptions,
     peak_lr: float,
     started: float,
     metrics_file: str = METRICS_FILE,
@@ -626,6 +651,73 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
         matryoshka_dims=dims,
         sketch=sketch,
         sketch_weight=sketch_weight,
+        summary={**summary, "init": run.summary},
+        parent=run.path,
+    )
+    return {"run": str(options.out), **summary}
+
+
+def finetune_rerank(options: RerankOptions) -> dict[str, Any]:
+    """The init RUN's encoder plus a one-logit head, trained as a cross-encoder on (query, positive
+    [, negative]) pairs; a pair without a negative gets a BM25-mined one (unless mine_negatives is off)
+    and every query also meets in-batch negatives."""
+    run, device, started = _prepare(options)
+    if options.in_batch_negatives < 0:
+        raise ModelError(f"in_batch_negatives must be 0 or more, not {options.in_batch_negatives}")
+    tokenizer = load_tokenizer(run.tokenizer_path)
+    pairs = read_pairs(options.train, options.limit)
+    if pairs.simcse:
+        raise DataError(f"{options.train}: a reranker learns from {{query, positive}} rows, not raw text")
+    batch_size = options.batch_size or 16
+    if batch_size < 2 and options.in_batch_negatives:
+        raise ModelError("in-batch negatives need a batch of at least 2 queries")
+    planned = math.ceil(options.epochs * max(1, len(pairs.queries) // batch_size))
+    mined = 0
+    if options.mine_negatives:
+        steps = planned if options.max_steps is None else min(planned, options.max_steps)
+        rows = len(pairs.queries)
+        visited = {row for step in range(steps) for row in batch_rows(rows, batch_size, options.seed, step)}
+        negatives, mined = mine_bm25_negatives(
+            pairs.queries, pairs.positives, pairs.negatives, options.seed, rows=visited
+        )
+        pairs = Pairs(pairs.queries, pairs.positives, negatives, simcse=False)
+    encoder = run.build_encoder().to(device)
+    head = nn.Linear(run.config.n_embd, 1).to(device)
+    nn.init.normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    module = InferenceModule(encoder, head)
+    module.train()
+    task = RerankTask(
+        pairs.queries,
+        pairs.positives,
+        pairs.negatives,
+        tokenizer,
+        module,
+        device,
+        batch_size,
+        options.in_batch_negatives,
+        options.seed,
+        run.config.max_seq_len,
+    )
+    summary = _train(
+        "finetune rerank", module, task.loss, planned, options, options.lr or DEFAULT_RERANK_LR, started
+    )
+    summary.update(
+        kind="rerank",
+        pairs=len(task),
+        hard_negatives=sum(negative is not None for negative in pairs.negatives),
+        mined_negatives=mined,
+        in_batch_negatives=options.in_batch_negatives,
+        batch_size=batch_size,
+    )
+    weights = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    weights.update({f"reranker.{k}": v for k, v in head.state_dict().items()})
+    save_run(
+        options.out,
+        kind="rerank",
+        config=run.config,
+        weights=weights,
+        tokenizer_path=run.tokenizer_path,
         summary={**summary, "init": run.summary},
         parent=run.path,
     )

@@ -1,6 +1,8 @@
 """Evaluation metrics in plain Python, shared by `encoder eval` and bench/baselines.py so that the
 model and the baselines are scored by the same code."""
 
+import math
+
 
 def _f1(true_positive: int, false_positive: int, false_negative: int) -> float:
     denominator = 2 * true_positive + false_positive + false_negative
@@ -45,3 +47,17 @@ def retrieval_metrics(ranked: list[list[str]], relevant: list[set[str]]) -> dict
         )
     count = len(ranked)
     return {"recall@1": recall_1 / count, "recall@10": recall_10 / count, "mrr@10": reciprocal_rank / count}
+
+
+def ranking_metrics(ranked: list[list[str]], relevant: list[set[str]]) -> dict[str, float]:
+    """MRR@10 and nDCG@10 with binary relevance (the reranking report): nDCG@10 = DCG of the top 10,
+    sum of 1 / log2(rank + 1) over the relevant documents, divided by that of an ideal ranking."""
+    reciprocal_rank = ndcg = 0.0
+    for ranking, wanted in zip(ranked, relevant, strict=True):
+        top = ranking[:10]
+        reciprocal_rank += next((1 / (rank + 1) for rank, doc in enumerate(top) if doc in wanted), 0.0)
+        gain = sum(1 / math.log2(rank + 2) for rank, doc in enumerate(top) if doc in wanted)
+        ideal = sum(1 / math.log2(rank + 2) for rank in range(min(10, len(wanted))))
+        ndcg += gain / ideal
+    count = len(ranked)
+    return {"mrr@10": reciprocal_rank / count, "ndcg@10": ndcg / count}

@@ -2,7 +2,8 @@
 
 <run>/
   model.safetensors   weights: "encoder.*", plus "classifier.*" and optionally "lexical.*" (classify
-                      runs), "sketch.*" (the lexical channel of embed runs and their children),
+                      runs), "reranker.*" (the one-logit relevance head of rerank runs), "sketch.*"
+                      (the lexical channel of embed runs and their children),
                       "projection.*" (a student distilled into its teacher's space) or the
                       pretraining heads (pretrain runs)
   config.json         EncoderConfig as a dict + architecture name and parameter count
@@ -30,7 +31,7 @@ from model.encoder import Encoder, InferenceModule
 from model.errors import ModelError
 from model.lexical import LexicalHead, LexicalSketch
 
-RUN_KINDS = ("pretrain", "embed", "classify")
+RUN_KINDS = ("pretrain", "embed", "classify", "rerank")
 ARCHITECTURE = "bert-prenorm-glu"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -81,6 +82,19 @@ class LoadedRun:
             ) from None
         return classifier
 
+    def build_reranker(self) -> nn.Linear | None:
+        """The relevance head of a rerank run ("reranker.*"): pooled pair -> one logit."""
+        if self.kind != "rerank":
+            return None
+        head = nn.Linear(self.config.n_embd, 1)
+        try:
+            head.load_state_dict(_prefixed(self.weights, "reranker."))
+        except RuntimeError as exc:
+            raise ModelError(
+                f"{self.path / WEIGHTS_FILE}: rerank head missing or malformed ({exc})"
+            ) from None
+        return head
+
     def build_lexical(self) -> LexicalHead | None:
         """The lexical (wide) head of a classify run that has one ("lexical.*" weights)."""
         table = self.weights.get("lexical.table.weight")
@@ -127,12 +141,13 @@ class LoadedRun:
         """eval-mode module: (input_ids, attention_mask) -> (embedding,) or (embedding, logits).
 
         embedding (B, embedding_dim) float32: the masked-mean pooled vector, not normalised, or with a
-        lexical sketch the unit-norm hybrid of both; logits raw, only when the run has a classifier head;
-        finite for rows whose attention_mask is all zeros.
+        lexical sketch the unit-norm hybrid of both; logits raw, only when the run has a classifier head
+        (B, labels) or a rerank head (B, 1: the relevance of a pair-encoded input); finite for rows whose
+        attention_mask is all zeros.
         """
         return InferenceModule(
             self.build_encoder(),
-            self.build_classifier(),
+            self.build_classifier() or self.build_reranker(),
             self.build_lexical(),
             self.build_sketch(),
             self.sketch_weight,
@@ -142,7 +157,7 @@ class LoadedRun:
 
 def parameter_count(weights: dict[str, torch.Tensor]) -> int:
     """Parameters of the inference graph (encoder + heads); the pretraining heads are not exported."""
-    exported = ("encoder.", "classifier.", "lexical.", "projection.")
+    exported = ("encoder.", "classifier.", "reranker.", "lexical.", "projection.")
     return sum(t.numel() for k, t in weights.items() if k.startswith(exported))
 
 
@@ -162,8 +177,8 @@ def save_run(
     summary: dict[str, Any] | None = None,
     parent: Path | None = None,
 ) -> Path:
-    """Write a RUN directory. `weights` uses the prefixes "encoder.", "classifier.", "lexical.", "mlm_";
-    the sketch, when given, is added as "sketch.*"."""
+    """Write a RUN directory. `weights` uses the prefixes "encoder.", "classifier.", "reranker.", "lexical.",
+    "mlm_"; the sketch, when given, is added as "sketch.*"."""
     if kind not in RUN_KINDS:
         raise ValueError(f"kind must be one of {RUN_KINDS}, not {kind!r}")
     path.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,16 @@ from prometheus_client import (
 from service.errors import ErrorType, reject_reason
 
 # The routes that run the model; the Grafana dashboard's traffic and latency panels select these.
-INFERENCE_ROUTES = ("/", "/embed", "/classify", "/predict", "/similarity", "/v1/embeddings")
+INFERENCE_ROUTES = (
+    "/",
+    "/embed",
+    "/classify",
+    "/predict",
+    "/similarity",
+    "/rerank",
+    "/v1/embeddings",
+    "/v1/rerank",
+)
 ROUTES = (*INFERENCE_ROUTES, "/tokenize", "/decode", "/health", "/ready", "/info", "/metrics")
 OTHER_ROUTE = "other"  # unknown paths share one label value, so scanners cannot explode cardinality
 REJECT_REASONS = tuple(error_type.reject_reason for error_type in ErrorType if error_type.reject_reason)

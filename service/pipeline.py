@@ -17,7 +17,7 @@ from service.batcher import InferenceResult
 from service.bundle_loader import LoadedModel
 from service.errors import ErrorType, ServiceError
 from service.state import ServiceState
-from service.tokenization import TextInput, TextTokenizer, TokenizedInputs, TruncationSide
+from service.tokenization import PairCut, TextInput, TextTokenizer, TokenizedInputs, TruncationSide
 
 # One model input: a text, a pair of texts (/predict), or token IDs used as given.
 ModelInput = TextInput | list[int]
@@ -60,11 +60,37 @@ def check_dimensions(dimensions: int | None, model: LoadedModel) -> None:
         )
 
 
+def check_embedder(model: LoadedModel) -> None:
+    """422 before any inference if the model does not embed texts (a reranker reads pairs)."""
+    if "embedding" not in model.manifest.heads:
+        raise ServiceError(
+            ErrorType.VALIDATION, "this model is a reranker, not an embedding model; use /rerank"
+        )
+
+
+def check_reranker(model: LoadedModel) -> None:
+    if model.manifest.reranker is None:
+        raise ServiceError(ErrorType.VALIDATION, "this model has no reranker head; serve a rerank bundle")
+
+
+def check_query(query: str, model: LoadedModel) -> None:
+    """422 if a reranker's query leaves no room for a passage: queries are never cut."""
+    room = model.tokenizer.pair_room(query)
+    if room < 1:
+        raise ServiceError(
+            ErrorType.VALIDATION,
+            f"the query is too long: with the pair's special tokens it leaves no room for a passage "
+            f"within max_seq_len ({model.manifest.max_seq_len} tokens); queries are never truncated",
+            "query",
+        )
+
+
 def check_classifier(top_k: int | None, model: LoadedModel) -> ClassifierSpec:
     """The model's classifier; 422 before any inference if it has none or top_k is too big."""
     classifier = model.manifest.classifier
     if classifier is None:
-        raise ServiceError(ErrorType.VALIDATION, "this model has no classifier; use /embed")
+        use = "/rerank" if model.manifest.reranker is not None else "/embed"
+        raise ServiceError(ErrorType.VALIDATION, f"this model has no classifier; use {use}")
     if top_k is not None and top_k > len(classifier.labels):
         raise ServiceError(
             ErrorType.VALIDATION, f"top_k {top_k} exceeds the {len(classifier.labels)} labels", "top_k"
@@ -147,10 +173,15 @@ def with_prompt(inputs: list[ModelInput], prompt: str | None) -> list[ModelInput
     return [prompt + item if prompt and isinstance(item, str) else item for item in inputs]
 
 
-def tokenize(tokenizer: TextTokenizer, inputs: list[ModelInput], side: TruncationSide) -> TokenizedInputs:
+def tokenize(
+    tokenizer: TextTokenizer,
+    inputs: list[ModelInput],
+    side: TruncationSide,
+    pair_cut: PairCut = "longest_first",
+) -> TokenizedInputs:
     """Token IDs for every input, in order: texts and pairs through the tokenizer, token IDs as given,
     cut to max_seq_len on the same side."""
-    encoded = tokenizer.encode([item for item in inputs if not isinstance(item, list)], side)
+    encoded = tokenizer.encode([item for item in inputs if not isinstance(item, list)], side, pair_cut)
     encoded_ids, encoded_truncated = iter(encoded.token_ids), iter(encoded.truncated)
     token_ids, truncated = [], []
     limit = tokenizer.max_seq_len
@@ -177,8 +208,10 @@ async def encode(
     truncate: bool,
     side: TruncationSide = "right",
     prompt: str | None = None,
+    pair_cut: PairCut = "longest_first",
 ) -> Encoded:
-    """Validate, tokenise and run `inputs` (texts, pairs or token IDs; `prompt` goes before each text).
+    """Validate, tokenise and run `inputs` (texts, pairs or token IDs; `prompt` goes before each text;
+    `pair_cut` says which text of a pair is cut).
     Raises ServiceError, CLIENT_DISCONNECTED included: a client that goes away has its queued items
     dropped instead of computed for nobody."""
     started = time.perf_counter()
@@ -192,11 +225,11 @@ async def encode(
         with batcher.admit(len(inputs), model.tokenizer.token_bound(inputs)) as reservation:
             tokenize_started = time.perf_counter()
             if sum(len(text) for item in inputs for text in texts_of(item)) <= INLINE_TOKENIZE_CHARS:
-                tokenized = tokenize(model.tokenizer, inputs, side)
+                tokenized = tokenize(model.tokenizer, inputs, side, pair_cut)
             else:
                 try:
                     async with asyncio.timeout_at(deadline):  # the deadline covers tokenising too
-                        tokenized = await asyncio.to_thread(tokenize, model.tokenizer, inputs, side)
+                        tokenized = await asyncio.to_thread(tokenize, model.tokenizer, inputs, side, pair_cut)
                 except TimeoutError:
                     raise ServiceError(
                         ErrorType.TIMEOUT, "the request deadline passed while its inputs were tokenised"

@@ -3,6 +3,7 @@
 Embeddings: Matryoshka truncation, then L2 normalisation of the kept dimensions; cosine similarities.
 Classification: softmax (single-label), sigmoid (multi-label) or raw logits, then the best labels per
 input.
+Reranking: sigmoid of the relevance logits (or the logits), and the order of the texts, best first.
 """
 
 import base64
@@ -51,3 +52,15 @@ def similarities(embeddings: np.ndarray) -> list[float]:
     """Cosine similarity of row 0 of (N, dim) `embeddings` with each later row (/similarity)."""
     unit = embedding_matrix(embeddings, None, normalize=True)
     return [float(value) for value in unit[1:] @ unit[0]]
+
+
+def relevance_scores(logits: np.ndarray, raw_scores: bool) -> np.ndarray:
+    """(N, 1) relevance logits of a reranker -> (N,) scores: sigmoid, or the logits with raw_scores."""
+    column = logits[:, 0]
+    # sigmoid(x) = (1 + tanh(x / 2)) / 2, without exp's overflow for a very negative logit
+    return column if raw_scores else (1 + np.tanh(column / 2)) / 2
+
+
+def ranked(scores: np.ndarray, top_n: int | None = None) -> list[int]:
+    """Indexes of `scores`, highest first (ties keep request order), the first `top_n` (default all)."""
+    return np.argsort(-scores, kind="stable")[:top_n].tolist()

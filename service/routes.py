@@ -3,12 +3,12 @@ one parses its body (pydantic, service/schemas.py), calls the encode pipeline (s
 and the post-processing (service/postprocess.py), and shapes the answer; status codes come only from
 the error table (service/errors.py). The tokenizer's routes are in service/tokenizer_routes.py.
 
-TEI's `POST /` answers as the route of the model's kind (`ROOT_ROUTES`); a new kind of model (a
-reranker) adds its route and its entry there.
+TEI's `POST /` answers as the route of the model's kind (`ROOT_ROUTES`).
 """
 
 import json
 import os
+import uuid
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal
@@ -22,12 +22,32 @@ from pydantic import BaseModel, ValidationError
 
 from bundle import Manifest
 from service.errors import ErrorType, ServiceError
-from service.pipeline import check_classifier, check_dimensions, encode, resolve_prompt
-from service.postprocess import base64_rows, embedding_matrix, label_scores, similarities, top_labels
+from service.pipeline import (
+    Encoded,
+    ModelInput,
+    check_classifier,
+    check_dimensions,
+    check_embedder,
+    check_query,
+    check_reranker,
+    encode,
+    resolve_prompt,
+)
+from service.postprocess import (
+    base64_rows,
+    embedding_matrix,
+    label_scores,
+    ranked,
+    relevance_scores,
+    similarities,
+    top_labels,
+)
 from service.schemas import (
     BatchingInfo,
     ClassifyRequest,
     ClassifyResponse,
+    CohereRerankRequest,
+    CohereRerankResponse,
     EmbedRequest,
     EmbedResponse,
     Info,
@@ -36,6 +56,8 @@ from service.schemas import (
     OpenAIError,
     PredictRequest,
     PredictResponse,
+    RerankRequest,
+    RerankResponse,
     SimilarityParameters,
     SimilarityRequest,
     SimilarityResponse,
@@ -45,6 +67,8 @@ from service.schemas import (
     TEIEmbeddingModel,
     TEIEmbeddingType,
     TEIError,
+    TEIRerankerType,
+    TruncationDirection,
     as_list,
     cut_side,
     pair_batch,
@@ -94,6 +118,7 @@ async def embed(body: EmbedRequest, request: Request, state: State) -> Response:
     """Embeddings, Hugging Face text-embeddings-inference compatible: L2-normalised unless
     normalize is false, whatever the model (TEI's default)."""
     model, _ = state.ready_model()
+    check_embedder(model)
     check_dimensions(body.dimensions, model)
     prompt = resolve_prompt(body.prompt_name, model)
     side = cut_side(body.truncation_direction)
@@ -130,6 +155,7 @@ async def predict(body: PredictRequest, request: Request, state: State) -> Respo
 async def similarity(body: SimilarityRequest, request: Request, state: State) -> Response:
     """Cosine similarity of inputs.source_sentence with each of inputs.sentences, in their order."""
     model, _ = state.ready_model()
+    check_embedder(model)
     parameters = body.parameters or SimilarityParameters()
     prompt = resolve_prompt(parameters.prompt_name, model)
     texts: list[str] = [body.inputs.source_sentence, *body.inputs.sentences]
@@ -143,6 +169,7 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, request: Request, stat
     """Embeddings, OpenAI API compatible (always L2-normalised, like OpenAI's; the model's default
     prompt, if it has one, goes before each text)."""
     model, _ = state.ready_model()
+    check_embedder(model)
     check_dimensions(body.dimensions, model)
     prompt = resolve_prompt(None, model)
     encoded = await encode(state, request, as_list(body.input), truncate=True, prompt=prompt)
@@ -160,11 +187,69 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, request: Request, stat
     return json_response(content, encoded.timing_headers())
 
 
-ModelKind = Literal["embedding", "classifier"]
+async def rerank_pairs(
+    state: ServiceState,
+    request: Request,
+    query: str,
+    texts: list[str],
+    truncate: bool,
+    direction: TruncationDirection = "Right",
+) -> Encoded:
+    """Run (query, text) pairs through a reranker: 422 before any inference for another kind of model or
+    a query too long to leave room for a text; pairs are cut from the text's side only."""
+    model, _ = state.ready_model()
+    check_reranker(model)
+    check_query(query, model)
+    pairs: list[ModelInput] = [(query, text) for text in texts]
+    return await encode(state, request, pairs, truncate, cut_side(direction), pair_cut="only_second")
+
+
+@router.post("/rerank", response_model=RerankResponse, responses=TEI_ERRORS)
+async def rerank(body: RerankRequest, request: Request, state: State) -> Response:
+    """The relevance of each text to the query, most relevant first (TEI's /rerank): the sigmoid of the
+    cross-encoder's logit, or the logit with raw_scores."""
+    encoded = await rerank_pairs(
+        state, request, body.query, body.texts, body.truncate, body.truncation_direction
+    )
+    scores = relevance_scores(encoded.logits(), body.raw_scores)
+    results = [
+        {"index": index, "score": float(scores[index])}
+        | ({"text": body.texts[index]} if body.return_text else {})
+        for index in ranked(scores)
+    ]
+    return json_response(results, encoded.timing_headers())
+
+
+@router.post("/v1/rerank", response_model=CohereRerankResponse, responses=OPENAI_ERRORS)
+async def cohere_rerank(body: CohereRerankRequest, request: Request, state: State) -> Response:
+    """The `top_n` most relevant documents, Cohere's and Jina's rerank API (what the `cohere` client's
+    rerank posts): relevance_score is the sigmoid of the cross-encoder's logit."""
+    texts = body.texts()
+    encoded = await rerank_pairs(state, request, body.query, texts, truncate=True)
+    scores = relevance_scores(encoded.logits(), raw_scores=False)
+    results = [
+        {"index": index, "relevance_score": float(scores[index])}
+        | ({"document": {"text": texts[index]}} if body.return_documents else {})
+        for index in ranked(scores, body.top_n)
+    ]
+    model, _ = state.ready_model()
+    content = {
+        "id": str(uuid.uuid4()),
+        "results": results,
+        "model": body.model or model.manifest.name,
+        "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}},
+        "usage": {"total_tokens": encoded.token_count},
+    }
+    return json_response(content, encoded.timing_headers())
+
+
+ModelKind = Literal["embedding", "classifier", "reranker"]
 
 
 def model_kind(manifest: Manifest) -> ModelKind:
-    """What TEI would call the model: a classifier if the bundle has a classification head."""
+    """What TEI would call the model: a reranker or a classifier by its head, else an embedding model."""
+    if manifest.reranker is not None:
+        return "reranker"
     return "classifier" if manifest.classifier is not None else "embedding"
 
 
@@ -173,6 +258,7 @@ RootHandler = Callable[[Any, Request, ServiceState], Awaitable[Response]]
 ROOT_ROUTES: dict[ModelKind, tuple[type[BaseModel], RootHandler]] = {
     "embedding": (EmbedRequest, embed),
     "classifier": (PredictRequest, predict),
+    "reranker": (RerankRequest, rerank),
 }
 
 
@@ -193,20 +279,26 @@ def parse_body(body_model: type[BaseModel], body: bytes) -> BaseModel:
         raise RequestValidationError(error.errors(include_url=False)) from None
 
 
-def _either(first: str, second: str) -> dict[str, Any]:
-    refs = [{"$ref": f"#/components/schemas/{name}"} for name in (first, second)]
+def _any_of(*names: str) -> dict[str, Any]:
+    refs = [{"$ref": f"#/components/schemas/{name}"} for name in names]
     return {"content": {"application/json": {"schema": {"anyOf": refs}}}}
 
 
 @router.post(
     "/",
-    responses={200: {"description": "as /embed or /predict"} | _either("EmbedResponse", "PredictResponse")}
+    responses={
+        200: {"description": "as /embed, /predict or /rerank"}
+        | _any_of("EmbedResponse", "PredictResponse", "RerankResponse")
+    }
     | TEI_ERRORS,
-    openapi_extra={"requestBody": {"required": True} | _either("EmbedRequest", "PredictRequest")},
+    openapi_extra={
+        "requestBody": {"required": True} | _any_of("EmbedRequest", "PredictRequest", "RerankRequest")
+    },
 )
 async def root(request: Request, state: State) -> Response:
-    """TEI's default route, as TEI serves it: /predict for a model with a classifier, /embed otherwise
-    (what Hugging Face's InferenceClient posts to when given the service's URL)."""
+    """TEI's default route, as TEI serves it: /rerank for a reranker, /predict for a model with a
+    classifier, /embed otherwise (what Hugging Face's InferenceClient posts to when given the service's
+    URL)."""
     model, _ = state.ready_model()
     body_model, handler = ROOT_ROUTES[model_kind(model.manifest)]
     return await handler(parse_body(body_model, await request.body()), request, state)
@@ -237,8 +329,13 @@ VARIANT_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 async def info(state: State) -> Info:
     model, _ = state.ready_model()
     manifest, settings, limits = model.manifest, state.settings, model.limits
-    model_type: TEIClassifierType | TEIEmbeddingType
-    if manifest.classifier is not None:
+    model_type: TEIClassifierType | TEIEmbeddingType | TEIRerankerType
+    if manifest.reranker is not None:
+        # One relevance logit, labelled as Hugging Face names an unnamed label.
+        model_type = TEIRerankerType(
+            reranker=TEIClassifierModel(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        )
+    elif manifest.classifier is not None:
         labels = manifest.classifier.labels
         model_type = TEIClassifierType(
             classifier=TEIClassifierModel(

@@ -1,7 +1,8 @@
 """Request and response models: TEI's shapes for its routes (text-embeddings-inference 1.9), OpenAI's
-for /v1/embeddings. An input is a text or, as TEI and OpenAI accept, a list of token IDs (used as
-given: the IDs of /tokenize, special tokens included). Checks that need the model (token IDs within
-the vocabulary, `dimensions`, prompt names) are the pipeline's (service/pipeline.py)."""
+for /v1/embeddings, Cohere's (and Jina's) for /v1/rerank. An input is a text or, as TEI and OpenAI
+accept, a list of token IDs (used as given: the IDs of /tokenize, special tokens included). Checks
+that need the model (token IDs within the vocabulary, `dimensions`, prompt names) are the pipeline's
+(service/pipeline.py)."""
 
 from typing import Annotated, Any, Literal
 
@@ -274,6 +275,61 @@ class SimilarityRequest(BaseModel):
     parameters: SimilarityParameters | None = None
 
 
+def _valid_texts(texts: list[str]) -> list[str]:
+    if not texts:
+        raise ValueError("the list of texts is empty")
+    for index, text in enumerate(texts):
+        if (problem := _input_problem(text)) is not None:
+            raise ValueError(f"text {index} {problem}")
+    return texts
+
+
+Passages = Annotated[
+    list[str],
+    AfterValidator(_valid_texts),
+    WithJsonSchema({"type": "array", "items": NON_EMPTY_TEXT_SCHEMA, "minItems": 1}),
+]
+
+
+class RerankRequest(Truncation):
+    """TEI's /rerank: the relevance of each text to the query. A long pair is cut from the text's side
+    only (truncation_direction says which end of it); the query is never cut."""
+
+    query: NonEmptyText
+    texts: Passages
+    raw_scores: bool = Field(False, description="return the relevance logits instead of their sigmoid")
+    return_text: bool = Field(False, description="echo each text in its result")
+
+
+class CohereDocument(BaseModel):
+    model_config = STRICT
+    text: NonEmptyText
+
+
+def _document_text(document: str | CohereDocument) -> str:
+    return document if isinstance(document, str) else document.text
+
+
+class CohereRerankRequest(BaseModel):
+    """Cohere's and Jina's /v1/rerank (what the `cohere` client's `rerank` posts). Documents are texts or
+    {"text": ...} objects; max_chunks_per_doc and rank_fields are accepted and have no effect (a
+    document is one text, cut to max_seq_len with the query)."""
+
+    model_config = STRICT
+    query: NonEmptyText
+    documents: Annotated[list[NonEmptyText | CohereDocument], AfterValidator(_not_an_empty_list)] = Field(
+        json_schema_extra={"minItems": 1}
+    )
+    model: Text | None = None  # echoed in the answer, so it must be renderable
+    top_n: int | None = Field(None, gt=0, description="return only the n most relevant documents")
+    return_documents: bool = Field(False, description="echo each document's text in its result")
+    max_chunks_per_doc: int | None = None
+    rank_fields: list[Text] | None = None
+
+    def texts(self) -> list[str]:
+        return [_document_text(document) for document in self.documents]
+
+
 class TokenizeRequest(BaseModel):
     model_config = STRICT
     # An empty text is fine here: it is the special tokens alone.
@@ -328,6 +384,38 @@ class PredictResponse(RootModel[list[Prediction] | list[list[Prediction]]]):
 
 class SimilarityResponse(RootModel[list[float]]):
     """The cosine similarity of source_sentence with each of sentences, in their order."""
+
+
+class Rank(BaseModel):
+    index: int  # the text's position in the request
+    score: float
+    text: str | None = None  # only with return_text
+
+
+class RerankResponse(RootModel[list[Rank]]):
+    """One result per text, most relevant first."""
+
+
+class CohereRerankDocument(BaseModel):
+    text: str
+
+
+class CohereRerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: CohereRerankDocument | None = None  # only with return_documents
+
+
+class CohereRerankUsage(BaseModel):
+    total_tokens: int
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    results: list[CohereRerankResult]
+    model: str
+    meta: dict[str, Any]  # Cohere's api_version and billed_units
+    usage: CohereRerankUsage  # Jina's
 
 
 class SimpleToken(BaseModel):
@@ -418,13 +506,17 @@ class TEIEmbeddingType(BaseModel):
     embedding: TEIEmbeddingModel
 
 
+class TEIRerankerType(BaseModel):
+    reranker: TEIClassifierModel
+
+
 class Info(BaseModel):
     # TEI's /info fields (its required ones, and the optional ones it fills), so its clients can read
     # this one; the service's own fields follow.
     model_id: str
     model_sha: str | None
     model_dtype: str
-    model_type: TEIClassifierType | TEIEmbeddingType
+    model_type: TEIClassifierType | TEIEmbeddingType | TEIRerankerType
     served_model_name: str
     max_concurrent_requests: int = Field(description="queued inputs before a 429 (max_queue_items)")
     max_input_length: int

@@ -1,9 +1,10 @@
 """Tokenisation with the bundle's Hugging Face `tokenizers` file (Rust, batch API, releases the GIL).
 
-Three views of the one file: cut on the right, cut on the left (TEI's `truncation_direction`), and
-uncut (`/tokenize` shows every token, as TEI's does). Truncation is a setting of a `Tokenizer`
-object, shared by the worker threads, so each view is its own object instead of one that requests
-would reconfigure under each other.
+Five views of the one file: cut on the right, cut on the left (TEI's `truncation_direction`; a pair
+loses tokens from its longer text first), a reranker's (query, passage) pairs cut from the passage
+only, on either side, and uncut (`/tokenize` shows every token, as TEI's does). Truncation is a
+setting of a `Tokenizer` object, shared by the worker threads, so each view is its own object instead
+of one that requests would reconfigure under each other.
 """
 
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ PAD_TOKENS = ("[PAD]", "<pad>")
 SPECIAL_TOKENS_BOUND = 2
 
 TruncationSide = Literal["left", "right"]
+# How a pair is cut to max_seq_len: the longer text first (/predict, as TEI), or only the second (a
+# reranker's passage: the query is never cut; service/pipeline.py refuses a query with no room left).
+PairCut = Literal["longest_first", "only_second"]
 # One model input: a text, or a pair of texts (/predict), encoded with the tokenizer's template.
 TextInput = str | tuple[str, str]
 
@@ -40,7 +44,7 @@ class Token:
 
 class TextTokenizer:
     def __init__(self, tokenizer_file: Path, max_seq_len: int) -> None:
-        def load(side: TruncationSide | None) -> Tokenizer:
+        def load(side: TruncationSide | None, pair_cut: PairCut = "longest_first") -> Tokenizer:
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
             # The batcher pads each batch itself (to its own longest item), so the file's padding is
             # switched off; truncation is fixed to the model's max_seq_len whatever the file says.
@@ -48,10 +52,14 @@ class TextTokenizer:
             if side is None:
                 tokenizer.no_truncation()
             else:
-                tokenizer.enable_truncation(max_seq_len, direction=side)
+                tokenizer.enable_truncation(max_seq_len, strategy=pair_cut, direction=side)
             return tokenizer
 
-        self._cut: dict[TruncationSide, Tokenizer] = {"right": load("right"), "left": load("left")}
+        self._cut: dict[tuple[TruncationSide, PairCut], Tokenizer] = {
+            (side, pair_cut): load(side, pair_cut)
+            for side in ("right", "left")
+            for pair_cut in ("longest_first", "only_second")
+        }
         self._uncut = load(None)
         self.max_seq_len = max_seq_len
         self.vocab_size = self._uncut.get_vocab_size(with_added_tokens=True)
@@ -81,10 +89,20 @@ class TextTokenizer:
 
         return cut(item) if isinstance(item, str) else (cut(item[0]), cut(item[1]))
 
-    def encode(self, inputs: list[TextInput], side: TruncationSide = "right") -> TokenizedInputs:
+    def pair_room(self, query: str) -> int:
+        """The tokens left for a passage once `query` and the pair template's special tokens are in."""
+        if len(query) > self.max_chars:  # more than max_seq_len tokens anyway: not worth tokenising
+            return 0
+        return self.max_seq_len - len(self._uncut.encode(query, "").ids)
+
+    def encode(
+        self, inputs: list[TextInput], side: TruncationSide = "right", pair_cut: PairCut = "longest_first"
+    ) -> TokenizedInputs:
+        """Token ids of texts and pairs, cut to max_seq_len on `side`; `pair_cut="only_second"` cuts only
+        the second text of a pair (its first must leave room: `pair_room`)."""
         cut = [any(len(text) > self.max_chars for text in _texts(item)) for item in inputs]
         cut_inputs = [self._cut_chars(item, side) for item in inputs]
-        tokenizer = self._cut[side]
+        tokenizer = self._cut[side, pair_cut]
         # One input (the usual request) skips the batch API's thread-pool dispatch.
         if len(cut_inputs) == 1:
             only = cut_inputs[0]

@@ -1,8 +1,9 @@
 """Shared fixtures: a tiny model built with the project's own code and exported to real bundles.
 
-`tiny_runs` is the suite's one tiny RUN (corpus, tokenizer, an embed RUN and a classify RUN); every
-test that needs a RUN uses it. `tiny_bundle` (classifier with 3 labels, fp32 + int8) and
-`tiny_bundle_no_classifier` are what the service and deployment tests serve; they go through the same
+`tiny_runs` is the suite's one tiny RUN (corpus, tokenizer, an embed RUN, a classify RUN and a rerank
+RUN); every test that needs a RUN uses it. `tiny_bundle` (classifier with 3 labels, fp32 + int8) and
+`tiny_bundle_no_classifier` are what the service and deployment tests serve (`tiny_rerank_bundle`, a
+cross-encoder, what the rerank tests serve); they go through the same
 export path as `encoder export`.
 """
 
@@ -33,6 +34,7 @@ class TinyRuns:
     tokenizer: Path
     embed_run: Path
     classify_run: Path
+    rerank_run: Path
 
 
 def _tiny_corpus(path: Path, sentences: int = 400) -> Path:
@@ -46,7 +48,8 @@ def _tiny_corpus(path: Path, sentences: int = 400) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
-    """An embed RUN and a classify RUN (frozen encoder + 3-label head) with random weights, via model/."""
+    """An embed RUN, a classify RUN (frozen encoder + 3-label head) and a rerank RUN (encoder + one-logit
+    head) with random weights, via model/."""
     import torch
 
     from model.config import EncoderConfig
@@ -91,7 +94,27 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
         parent=embed_run,
         summary={"note": "random weights, test fixture"},
     )
-    return TinyRuns(corpus=corpus, tokenizer=tokenizer_path, embed_run=embed_run, classify_run=classify_run)
+    reranker = torch.nn.Linear(config.n_embd, 1)
+    # A bias far from 0 would squash every sigmoid score to the same end; the random encoder's pooled
+    # vectors differ enough between pairs to order them.
+    torch.nn.init.normal_(reranker.weight, std=1.0)
+    torch.nn.init.zeros_(reranker.bias)
+    rerank_run = save_run(
+        root / "rerank",
+        kind="rerank",
+        config=config,
+        weights=encoder_weights | {f"reranker.{key}": value for key, value in reranker.state_dict().items()},
+        tokenizer_path=tokenizer_path,
+        parent=embed_run,
+        summary={"note": "random weights, test fixture"},
+    )
+    return TinyRuns(
+        corpus=corpus,
+        tokenizer=tokenizer_path,
+        embed_run=embed_run,
+        classify_run=classify_run,
+        rerank_run=rerank_run,
+    )
 
 
 def _export(run: Path, out: Path) -> Path:
@@ -114,6 +137,12 @@ def tiny_bundle(tiny_runs: TinyRuns, tmp_path_factory: pytest.TempPathFactory) -
 def tiny_bundle_no_classifier(tiny_runs: TinyRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same encoder without a classifier head (serves /embed only), fp32 + int8."""
     return _export(tiny_runs.embed_run, tmp_path_factory.mktemp("bundles") / "tiny_embed")
+
+
+@pytest.fixture(scope="session")
+def tiny_rerank_bundle(tiny_runs: TinyRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reranker (cross-encoder) bundle: pair-encoded inputs, one relevance logit, fp32 + int8."""
+    return _export(tiny_runs.rerank_run, tmp_path_factory.mktemp("bundles") / "tiny_rerank")
 
 
 TINY_PROMPTS = {"query": "query: ", "passage": "passage: "}

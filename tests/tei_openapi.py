@@ -77,6 +77,17 @@ SIMILARITY_REQUEST = obj(
 )
 SIMILARITY_RESPONSE = array(NUMBER)
 
+RERANK_REQUEST = obj(
+    ["query", "texts"],
+    query=STRING,
+    texts=array(STRING),
+    raw_scores=BOOLEAN,
+    return_text=BOOLEAN,
+    truncate=NULLABLE_BOOLEAN,
+    truncation_direction=TRUNCATION_DIRECTION,
+)
+RERANK_RESPONSE = array(obj(["index", "score"], index=COUNT, score=NUMBER, text=NULLABLE_STRING))
+
 TOKENIZE_REQUEST = obj(
     ["inputs"],
     inputs={"oneOf": [STRING, array(STRING)]},
@@ -172,8 +183,9 @@ POST_ROUTES: dict[str, tuple[Schema, Schema]] = {
     "/embed": (EMBED_REQUEST, EMBED_RESPONSE),
     "/predict": (PREDICT_REQUEST, PREDICT_RESPONSE),
     "/similarity": (SIMILARITY_REQUEST, SIMILARITY_RESPONSE),
+    "/rerank": (RERANK_REQUEST, RERANK_RESPONSE),  # served by a reranker bundle
     "/tokenize": (TOKENIZE_REQUEST, TOKENIZE_RESPONSE),
     "/decode": (DECODE_REQUEST, DECODE_RESPONSE),
     "/v1/embeddings": (OPENAI_REQUEST, OPENAI_RESPONSE),
 }
-# TEI routes not served yet (README, "The HTTP API"): /embed_all, /embed_sparse, /rerank, /vertex.
+# TEI routes not served yet (README, "The HTTP API"): /embed_all, /embed_sparse, /vertex.

@@ -137,3 +137,54 @@ def test_sentence_transformers_prompts_are_checked(tmp_path: Path) -> None:
     config.write_text(json.dumps({"prompts": {"query": 1}}))
     with pytest.raises(ExportError, match="prompts must map names to prompt texts"):
         sentence_transformers_prompts(tmp_path)
+
+
+def test_import_cross_encoder_scores_pairs_as_transformers_does(tiny_runs: Any, tmp_path: Path) -> None:
+    """A BertForSequenceClassification with one label (the ms-marco MiniLM cross-encoders' layout) becomes
+    a reranker bundle whose graph, given only ids and mask, scores pairs as transformers does with the
+    tokenizer's token types."""
+    vocab_size = Tokenizer.from_file(str(tiny_runs.tokenizer)).get_vocab_size()
+    config = transformers.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=1,
+        architectures=["BertForSequenceClassification"],
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    with torch.no_grad():  # token types must matter, or a graph that ignored them would pass
+        model.bert.embeddings.token_type_embeddings.weight.mul_(20)
+    model_dir = tmp_path / "tiny-cross-encoder"
+    model.save_pretrained(str(model_dir))
+    shutil.copyfile(tiny_runs.tokenizer, model_dir / "tokenizer.json")
+
+    out = tmp_path / "bundle"
+    write_bundle(source_from_hf(model_dir), out, ExportOptions(), lambda _: None)
+    manifest = verify_bundle(out)
+    assert manifest.heads == ["reranker"] and manifest.reranker is not None and manifest.classifier is None
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    pairs = [("the dog", text) for text in TEXTS]
+    encodings = tokenizer.encode_batch(pairs)
+    length = max(len(encoding.ids) for encoding in encodings)
+    ids, mask, types = (np.zeros((len(pairs), length), dtype=np.int64) for _ in range(3))
+    for row, encoding in enumerate(encodings):
+        ids[row, : len(encoding.ids)] = encoding.ids
+        mask[row, : len(encoding.ids)] = 1
+        types[row, : len(encoding.ids)] = encoding.type_ids
+    assert types.any()  # the template gives the second text type 1
+    with torch.inference_mode():
+        arguments = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        expected = model(
+            **{name: torch.from_numpy(value) for name, value in arguments.items()}
+        ).logits.numpy()
+        untyped = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    assert np.abs(expected - untyped).max() > 1e-2
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    assert logits.shape == (len(pairs), 1)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)

@@ -5,7 +5,8 @@ under TEI's response schema (and of the right size), unless it breaks one of the
 limits (`refusals`, the test's own statement of them): then 422, in the documented error shape, with
 a message that names the limit. A valid shape is never refused for its shape, and nothing is a 5xx.
 
-In process (TestClient) on the tiny bundle with prompts, derandomized: seconds in CI.
+In process (TestClient) on the tiny bundle with prompts (/rerank: on the tiny reranker bundle),
+derandomized: seconds in CI.
 """
 
 import json
@@ -118,6 +119,7 @@ LIMIT_WORDS = {
     "dimensions": "dimensions",
     "prompt": "prompt_name",
     "too long": "max_seq_len",
+    "query too long": "query",
 }
 
 
@@ -141,6 +143,14 @@ def refusals(route: str, body: dict[str, Any], model: Model) -> set[str]:
         items = [body["inputs"]["source_sentence"], *body["inputs"]["sentences"]]
         if not body["inputs"]["sentences"]:
             found.add("empty")
+    elif route == "/rerank":
+        prompt = ""  # a reranker has no prompts
+        query, texts = body["query"], body["texts"]
+        if query == "" or not texts or "" in texts:
+            return found | {"empty"}
+        if len(model.tokenizer.encode(query, "").ids) >= model.max_seq_len:
+            return found | {"query too long"}  # a query is never cut
+        items = [(query, text) for text in texts]
     elif route == "/tokenize":
         inputs = body["inputs"]
         return found | ({"empty"} if inputs == [] else set())  # "" is fine: the special tokens alone
@@ -176,6 +186,21 @@ def check_served(route: str, body: dict[str, Any], answer: Any, model: Model) ->
     elif route == "/similarity":
         assert len(answer) == len(body["inputs"]["sentences"])
         assert all(-1.0001 <= value <= 1.0001 for value in answer)
+    elif route == "/rerank":
+        prompt = ""  # a reranker has no prompts
+        query, texts = body["query"], body["texts"]
+        if query == "" or not texts or "" in texts:
+            return found | {"empty"}
+        if len(model.tokenizer.encode(query, "").ids) >= model.max_seq_len:
+            return found | {"query too long"}  # a query is never cut
+        items = [(query, text) for text in texts]
+    elif route == "/rerank":
+        assert sorted(result["index"] for result in answer) == list(range(len(body["texts"])))
+        scores = [result["score"] for result in answer]
+        assert scores == sorted(scores, reverse=True)
+        assert body.get("raw_scores", False) or all(0 <= score <= 1 for score in scores)
+        for result in answer:
+            assert result.get("text") == (body["texts"][result["index"]] if body.get("return_text") else None)
     elif route == "/tokenize":
         inputs = body["inputs"]
         assert len(answer) == (1 if isinstance(inputs, str) else len(inputs))
@@ -186,6 +211,13 @@ def check_served(route: str, body: dict[str, Any], answer: Any, model: Model) ->
 @pytest.fixture(scope="module")
 def client(tiny_bundle_with_prompts: Path) -> Iterator[TestClient]:
     settings = Settings(bundle=tiny_bundle_with_prompts, variant="fp32")
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def rerank_client(tiny_rerank_bundle: Path) -> Iterator[TestClient]:
+    settings = Settings(bundle=tiny_rerank_bundle, variant="fp32")
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -215,8 +247,10 @@ def valid(schema: Schema, instance: Any) -> bool:
 @pytest.mark.parametrize("route", sorted(POST_ROUTES))
 @given(data=st.data())
 def test_valid_requests_are_served_in_teis_shapes(
-    client: TestClient, model: Model, route: str, data: st.DataObject
+    client: TestClient, rerank_client: TestClient, model: Model, route: str, data: st.DataObject
 ) -> None:
+    # The tiny reranker shares the tiny bundle's tokenizer and max_seq_len, so `model` holds for both.
+    client = rerank_client if route == "/rerank" else client
     request_schema, response_schema = POST_ROUTES[route]
     body = data.draw(strategy(request_schema).filter(lambda value: valid(request_schema, value)), "body")
     response = client.post(route, content=json.dumps(body), headers={"content-type": "application/json"})
