@@ -206,7 +206,7 @@ def check_reduced(
             agreements.append(expected[1].argmax(axis=1)[non_empty] == actual[1].argmax(axis=1)[non_empty])
     all_cosines = np.concatenate(cosines)
     figures = {"min_cosine": float(all_cosines.min()), "mean_cosine": float(all_cosines.mean())}
-    if agreements and len(scores) == 0:
+    if agreements:
         figures["top1_agreement"] = float(np.concatenate(agreements).mean())
     if scores:
         figures["score_max_abs_diff"] = float(np.concatenate(scores).max())
