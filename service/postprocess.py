@@ -62,5 +62,6 @@ def relevance_scores(logits: np.ndarray, raw_scores: bool) -> np.ndarray:
 
 
 def ranked(scores: np.ndarray, top_n: int | None = None) -> list[int]:
-    """Indexes of `scores`, highest first (ties keep request order), the first `top_n` (default all)."""
+    """Indexes of `scores` (or logits), highest first (ties keep request order), the first `top_n`
+    (default all)."""
     return np.argsort(-scores, kind="stable")[:top_n].tolist()

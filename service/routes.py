@@ -211,11 +211,13 @@ async def rerank(body: RerankRequest, request: Request, state: State) -> Respons
     encoded = await rerank_pairs(
         state, request, body.query, body.texts, body.truncate, body.truncation_direction
     )
-    scores = relevance_scores(encoded.logits(), body.raw_scores)
+    logits = encoded.logits()
+    scores = relevance_scores(logits, body.raw_scores)
+    # Ordered by the logits: sigmoids of large logits round to the same float.
     results = [
         {"index": index, "score": float(scores[index])}
         | ({"text": body.texts[index]} if body.return_text else {})
-        for index in ranked(scores)
+        for index in ranked(logits[:, 0])
     ]
     return json_response(results, encoded.timing_headers())
 
@@ -225,18 +227,19 @@ async def cohere_rerank(body: CohereRerankRequest, request: Request, state: Stat
     """The `top_n` most relevant documents, Cohere's and Jina's rerank API (what the `cohere` client's
     rerank posts): relevance_score is the sigmoid of the cross-encoder's logit."""
     texts = body.texts()
+    name = body.model or state.ready_model()[0].manifest.name
     encoded = await rerank_pairs(state, request, body.query, texts, truncate=True)
-    scores = relevance_scores(encoded.logits(), raw_scores=False)
+    logits = encoded.logits()
+    scores = relevance_scores(logits, raw_scores=False)
     results = [
         {"index": index, "relevance_score": float(scores[index])}
         | ({"document": {"text": texts[index]}} if body.return_documents else {})
-        for index in ranked(scores, body.top_n)
+        for index in ranked(logits[:, 0], body.top_n)
     ]
-    model, _ = state.ready_model()
     content = {
         "id": str(uuid.uuid4()),
         "results": results,
-        "model": body.model or model.manifest.name,
+        "model": name,
         "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}},
         "usage": {"total_tokens": encoded.token_count},
     }

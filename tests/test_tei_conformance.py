@@ -187,14 +187,6 @@ def check_served(route: str, body: dict[str, Any], answer: Any, model: Model) ->
         assert len(answer) == len(body["inputs"]["sentences"])
         assert all(-1.0001 <= value <= 1.0001 for value in answer)
     elif route == "/rerank":
-        prompt = ""  # a reranker has no prompts
-        query, texts = body["query"], body["texts"]
-        if query == "" or not texts or "" in texts:
-            return found | {"empty"}
-        if len(model.tokenizer.encode(query, "").ids) >= model.max_seq_len:
-            return found | {"query too long"}  # a query is never cut
-        items = [(query, text) for text in texts]
-    elif route == "/rerank":
         assert sorted(result["index"] for result in answer) == list(range(len(body["texts"])))
         scores = [result["score"] for result in answer]
         assert scores == sorted(scores, reverse=True)
