@@ -40,7 +40,10 @@ ROUTE_FIELDS = {
     "/tokenize": ["inputs", "add_special_tokens", "prompt_name"],
     "/decode": ["ids", "skip_special_tokens"],
     "/v1/embeddings": ["input", "model", "encoding_format", "dimensions", "user"],
+    "/rerank": ["query", "texts", "raw_scores", "return_text", "truncate", "truncation_direction"],
+    "/v1/rerank": ["query", "documents", "model", "top_n", "return_documents", "max_chunks_per_doc"],
 }
+RERANK_ROUTES = ("/rerank", "/v1/rerank")  # served by the tiny reranker; the classifier refuses them
 requests = st.sampled_from(sorted(ROUTE_FIELDS)).flatmap(
     lambda route: st.tuples(
         st.just(route),
@@ -52,6 +55,12 @@ requests = st.sampled_from(sorted(ROUTE_FIELDS)).flatmap(
 @pytest.fixture(scope="module")
 def client(tiny_bundle: Path) -> Iterator[TestClient]:
     with TestClient(create_app(Settings(bundle=tiny_bundle))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def rerank_client(tiny_rerank_bundle: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(bundle=tiny_rerank_bundle))) as client:
         yield client
 
 
@@ -68,8 +77,11 @@ def assert_documented_error(route: str, body: object) -> None:
 # A few seconds on a loaded 2-core machine; derandomized, so a failure reproduces on every run.
 @settings(max_examples=250, deadline=None, derandomize=True, database=None)
 @given(request=requests)
-def test_no_body_gets_a_server_error(client: TestClient, request: tuple[str, dict[str, object]]) -> None:
+def test_no_body_gets_a_server_error(
+    client: TestClient, rerank_client: TestClient, request: tuple[str, dict[str, object]]
+) -> None:
     route, payload = request
+    client = rerank_client if route in RERANK_ROUTES else client
     # json.dumps escapes a lone surrogate as "\ud800": the bytes a hostile client would send.
     response = client.post(route, content=json.dumps(payload), headers={"content-type": "application/json"})
     assert response.status_code < 500, (response.status_code, response.text)
