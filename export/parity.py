@@ -241,7 +241,8 @@ RERANK_CANDIDATES = 10  # passages per query: its positive and the next rows' po
 
 def rerank_metric(run: Runner, tokenizer: Tokenizer, data: EvalData) -> dict[str, float]:
     """A reranker's task metric on (query, positive) rows: MRR@10 of each query's positive among its
-    own and the following rows' positives, ranked by the graph's relevance logit."""
+    own and the following rows' positives, ranked by the graph's relevance logit. A row with the same
+    query (or the same positive) counts as relevant too."""
     if data.positives is None:
         raise ExportError("a reranker's eval data must be {query, positive} rows")
     count = min(RERANK_QUERIES, len(data.texts))
@@ -252,7 +253,11 @@ def rerank_metric(run: Runner, tokenizer: Tokenizer, data: EvalData) -> dict[str
         pairs = [(data.texts[query], data.positives[candidate]) for candidate in candidates]
         logits = run(*pad(encode_pairs(tokenizer, pairs)))[1][:, 0]
         order = np.argsort(-logits, kind="stable")
-        relevant = [data.positives[candidates[i]] == data.positives[query] for i in order]
+        relevant = [
+            data.texts[candidates[i]] == data.texts[query]
+            or data.positives[candidates[i]] == data.positives[query]
+            for i in order
+        ]
         reciprocal_rank += 1 / (relevant.index(True) + 1)
     return {"mrr@10": reciprocal_rank / count}
 
