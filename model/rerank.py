@@ -99,8 +99,9 @@ class RerankTask:
         return len(self.queries)
 
     def candidates(self, rows: list[int]) -> list[list[int]]:
-        """Per row of the batch, the text indexes of its candidate passages, the positive first; a
-        passage equal to the positive is never its negative."""
+        """Per row of the batch, the text indexes of its candidate passages, the positive first. A
+        passage equal to the positive is never its negative, nor is the positive of another row with
+        the same query (it is relevant too)."""
         groups = []
         for place, row in enumerate(rows):
             group = [self.positives[row]]
@@ -111,8 +112,9 @@ class RerankTask:
             for offset in range(1, len(rows)):
                 if len(group) == wanted:
                     break
-                other = self.positives[rows[(place + offset) % len(rows)]]
-                if other not in group:
+                other_row = rows[(place + offset) % len(rows)]
+                other = self.positives[other_row]
+                if other not in group and self.queries[other_row] != self.queries[row]:
                     group.append(other)
             groups.append(group)
         return groups

@@ -98,9 +98,13 @@ def test_the_loss_wants_the_positive_first(tiny_runs: Any, sign: float) -> None:
         seed=0,
         max_seq_len=32,
     )
-    groups = task.candidates(list(range(8)))
-    assert all(len(group) == 5 and group[0] == task.positives[row] for row, group in enumerate(groups))
-    assert all(group[1] == task.negatives[row] for row, group in enumerate(groups))
+    batch = [0, 8, 16, 24, 32, 40, 48, 1]  # a row of each object, then a second "garden" row
+    groups = task.candidates(batch)
+    assert all(
+        len(group) == 5 and group[0] == task.positives[row] for row, group in zip(batch, groups, strict=True)
+    )
+    assert all(group[1] == task.negatives[row] for row, group in zip(batch, groups, strict=True))
+    assert task.positives[0] not in groups[7]  # another "garden" row's positive is relevant, not a negative
     loss = task.loss(0).loss.item()
     if sign > 0:
         assert loss < 0.05
