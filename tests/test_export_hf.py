@@ -158,6 +158,7 @@ def test_import_cross_encoder_scores_pairs_as_transformers_does(tiny_runs: Any, 
     model = transformers.BertForSequenceClassification(config).eval()
     with torch.no_grad():  # token types must matter, or a graph that ignored them would pass
         model.bert.embeddings.token_type_embeddings.weight.mul_(20)
+        model.classifier.weight.mul_(100)  # logits of order one, so the difference they make shows
     model_dir = tmp_path / "tiny-cross-encoder"
     model.save_pretrained(str(model_dir))
     shutil.copyfile(tiny_runs.tokenizer, model_dir / "tokenizer.json")
