@@ -99,9 +99,14 @@ def bench_model(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     bundle = workdir / label
-    write_bundle(source, bundle, ExportOptions(variants=["fp32", "int8"], force=True), lambda step: None)
+    # Unfused, so that "ort fp32" is the plain graph; the fused one is made next to it.
+    options = ExportOptions(variants=["fp32", "int8"], fuse=False, force=True)
+    write_bundle(source, bundle, options, lambda step: None)
     fused_path = workdir / f"{label}.fused.onnx"
-    fusions = fuse_for_ort(bundle / "model.onnx", fused_path)
+    architecture = source.architecture
+    fusions = fuse_for_ort(
+        bundle / "model.onnx", fused_path, architecture.num_heads, architecture.hidden_size
+    )
     batches = make_batches(source, texts, args.batch_size)
     torch.set_num_threads(args.threads)
     engines: dict[str, Runner] = {

@@ -2,7 +2,7 @@
 
 <bundle>/
   manifest.json
-  model.onnx           fp32, always present
+  model.onnx           fp32, always present (ORT-fused unless exported with --no-fuse)
   model.fp16.onnx      optional (GPU)
   model.int8.onnx      optional (CPU, dynamic quantisation)
   tokenizer.json       Hugging Face `tokenizers` format
@@ -23,6 +23,7 @@ MANIFEST_FILE = "manifest.json"
 VARIANT_FILES: dict[str, str] = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 VariantName = Literal["fp32", "fp16", "int8"]
+Provider = Literal["cpu", "cuda"]
 
 
 class BundleError(Exception):
@@ -118,6 +119,9 @@ class Manifest(_Strict):
     # head reads). Filled in from the specs when a manifest (format 1, older) does not list it.
     heads: list[HeadName] = Field(default_factory=list)
     variants: dict[VariantName, VariantSpec]
+    # The variant to serve on each provider when none is asked for; absent in bundles from before it
+    # existed, for which the service falls back to int8 on CPU and fp16 on CUDA (preferred_variant).
+    preferred: dict[Provider, VariantName] = Field(default_factory=dict)
     tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     source: str = "encoder"  # "encoder" (trained here) or "import-hf:<dir name>"
     training: dict[str, Any] = Field(default_factory=dict)  # training/eval summary
@@ -154,7 +158,18 @@ class Manifest(_Strict):
         for name, spec in self.variants.items():
             if spec.file != VARIANT_FILES[name]:
                 raise ValueError(f"variant {name} must be stored as {VARIANT_FILES[name]}, not {spec.file}")
+        for provider, name in self.preferred.items():
+            if name not in self.variants:
+                raise ValueError(f"preferred {provider} variant {name} is not one of the variants")
         return self
+
+    def preferred_variant(self, provider: Provider) -> VariantName:
+        """The variant to serve on `provider`: the manifest's choice, else int8 on CPU (dynamic
+        quantisation is fast there) and fp16 on CUDA (tensor cores), else fp32."""
+        if provider in self.preferred:
+            return self.preferred[provider]
+        fallback: VariantName = "int8" if provider == "cpu" else "fp16"
+        return fallback if fallback in self.variants else "fp32"
 
     def write(self, bundle_dir: Path) -> Path:
         path = Path(bundle_dir) / MANIFEST_FILE

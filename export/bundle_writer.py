@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from bundle.manifest import (
     ClassifierSpec,
     EmbeddingSpec,
     Manifest,
+    Provider,
     RerankerSpec,
     TeacherSpec,
+    VariantName,
     VariantSpec,
     file_sha256,
     verify_bundle,
@@ -58,7 +61,9 @@ class ExportSource:
 class ExportOptions:
     variants: list[str] = field(default_factory=lambda: ["fp32", "int8"])
     version: str = "1"
-    fuse: bool = False  # replace model.onnx by the ORT-fused graph (still gated against PyTorch)
+    # Store ONNX Runtime's fused graph as model.onnx and quantise it for int8 (still gated against
+    # PyTorch); off, the plain exported graph is stored and quantised.
+    fuse: bool = True
     eval_data: parity.EvalData | None = None
     thresholds: parity.ParityThresholds = field(default_factory=parity.ParityThresholds)
     force: bool = False  # replace an existing bundle at the destination
@@ -107,13 +112,17 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
     progress("parity fp32 vs PyTorch")
     fp32_parity = parity.check_fp32(reference, parity.ort_runner(fp32_path), batches, options.thresholds)
     fusions: list[str] = []
+    # The fp32 graph that will be stored: the fused one unless fusion is off.
+    fused_path = staging / "fused.onnx"
+    stored_fp32 = fused_path if options.fuse else fp32_path
     if options.fuse:
         progress("fuse fp32 graph for ONNX Runtime")
-        fused_path = staging / "fused.onnx"
-        fusions = fuse_for_ort(fp32_path, fused_path)
+        fusions = fuse_for_ort(
+            fp32_path, fused_path, source.architecture.num_heads, source.architecture.hidden_size
+        )
         check_interface(fused_path, output_names)
         fp32_parity = parity.check_fp32(
-            reference, parity.ort_runner(fused_path), batches, options.thresholds, variant="fp32 (fused)"
+            reference, parity.ort_runner(stored_fp32), batches, options.thresholds, variant="fp32 (fused)"
         )
     parities: dict[str, dict[str, float]] = {"fp32": fp32_parity}
 
@@ -121,21 +130,25 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
     if options.eval_data is not None:
         progress("task metric on the eval data")
         reference_metric = task_metric(reference)
-        fp32_metric = task_metric(parity.ort_runner(fp32_path))
+        fp32_metric = task_metric(parity.ort_runner(stored_fp32))
         parities["fp32"] |= {f"torch_{name}": value for name, value in reference_metric.items()}
         parities["fp32"] |= parity.check_metric("fp32", reference_metric, fp32_metric, options.thresholds)
 
+    # int8 comes from the fused graph when there is one: quantising the plain graph leaves ONNX
+    # Runtime unable to fuse the attention and layer norms around the quantised products (about half
+    # the speed of the reference recipe on all-MiniLM-L6-v2, BENCHMARKS.md). fp16, for GPUs, comes
+    # from the plain graph, which converts without contrib ops in the way.
     reduced = {
-        "int8": (quantize_int8, options.thresholds.int8_min_cosine),
-        "fp16": (convert_fp16, options.thresholds.fp16_min_cosine),
+        "int8": (partial(quantize_int8, fused=options.fuse), stored_fp32, options.thresholds.int8_min_cosine),
+        "fp16": (convert_fp16, fp32_path, options.thresholds.fp16_min_cosine),
     }
-    fp32_runner = parity.ort_runner(fp32_path)
-    for variant, (convert, min_cosine) in reduced.items():
+    fp32_runner = parity.ort_runner(stored_fp32)
+    for variant, (convert, source_path, min_cosine) in reduced.items():
         if variant not in options.variants:
             continue
         progress(f"{variant} graph and parity vs fp32")
         path = staging / VARIANT_FILES[variant]
-        convert(fp32_path, path)
+        convert(source_path, path)
         check_interface(path, output_names)
         runner = parity.ort_runner(path)
         parities[variant] = parity.check_reduced(variant, fp32_runner, runner, batches, min_cosine)
@@ -144,9 +157,8 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
             parities[variant] |= parity.check_metric(variant, reference_metric, metric, options.thresholds)
 
     if options.fuse:
-        # The derived variants come from the plain graph (ORT's quantiser fuses on its own); the
-        # fused graph becomes model.onnx only after they are built.
-        (staging / "fused.onnx").replace(fp32_path)
+        # The fused graph becomes model.onnx only once every variant is built from its source.
+        fused_path.replace(fp32_path)
 
     variants = {
         name: VariantSpec(
@@ -166,6 +178,7 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
         classifier=source.classifier,
         reranker=source.reranker,
         variants=variants,
+        preferred=preferred_variants(options.variants),
         tokenizer_sha256=file_sha256(staging / TOKENIZER_FILE),
         source=source.source,
         training=source.training,
@@ -173,6 +186,15 @@ def _build(source: ExportSource, staging: Path, options: ExportOptions, progress
     )
     manifest.write(staging)
     return manifest
+
+
+def preferred_variants(variants: list[str]) -> dict[Provider, VariantName]:
+    """int8 on CPU (dynamic quantisation of the fused graph: fastest there, BENCHMARKS.md), fp16 on
+    CUDA (tensor cores; int8's integer kernels have no CUDA version); fp32 where those are absent."""
+    return {
+        "cpu": "int8" if "int8" in variants else "fp32",
+        "cuda": "fp16" if "fp16" in variants else "fp32",
+    }
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

@@ -68,8 +68,10 @@ def _add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fuse",
-        action="store_true",
-        help="store the ONNX Runtime-fused fp32 graph (onnxscript fusions), parity-checked",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store ONNX Runtime's fused fp32 graph (attention, skip-layer-norm, GELU...), parity-checked, "
+        "and quantise it for int8 (default; --no-fuse stores and quantises the plain exported graph)",
     )
     parser.add_argument("--fp32-max-abs-diff", type=float, default=1e-4)
     parser.add_argument("--int8-min-cosine", type=float, default=0.97)

@@ -35,10 +35,8 @@ def choose_variant(manifest: Manifest, requested: str, on_cuda: bool) -> str:
                 f"variant {requested} requested but the bundle has only {sorted(manifest.variants)}"
             )
         return requested
-    # fp16 halves the work on tensor cores but is slow on CPU; int8 (dynamic quantisation) is the
-    # reverse: fast on CPU, unsupported by most CUDA kernels.
-    preferred = "fp16" if on_cuda else "int8"
-    return preferred if preferred in manifest.variants else "fp32"
+    # The export records which variant is fastest on each provider (int8 on CPU, fp16 on CUDA).
+    return manifest.preferred_variant("cuda" if on_cuda else "cpu")
 
 
 def load_model(settings: Settings) -> LoadedModel:

@@ -102,6 +102,15 @@ def test_manifest_schema_mismatch_is_detected(tiny_bundle: Path, tmp_path: Path)
         verify_bundle(copy)
 
 
+def test_manifest_refuses_a_preferred_variant_it_does_not_hold(tiny_bundle: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["preferred"] = {"cuda": "fp16"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="preferred cuda variant fp16 is not one of the variants"):
+        verify_bundle(copy)
+
+
 def test_export_cli_writes_bundle_and_refuses_to_overwrite(
     tiny_runs: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

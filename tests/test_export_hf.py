@@ -56,8 +56,10 @@ def _transformers_hidden(model_dir: Path, tokenizer: Tokenizer) -> tuple[np.ndar
     return hidden.numpy(), ids, mask
 
 
-def _onnx_embedding(bundle: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    session = onnxruntime.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+def _onnx_embedding(
+    bundle: Path, ids: np.ndarray, mask: np.ndarray, variant_file: str = "model.onnx"
+) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(bundle / variant_file), providers=["CPUExecutionProvider"])
     return session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
 
@@ -71,6 +73,13 @@ def test_import_plain_bert_matches_transformers_mean_pooling(tiny_bert_dir: Path
     hidden, ids, mask = _transformers_hidden(tiny_bert_dir, Tokenizer.from_file(str(out / "tokenizer.json")))
     expected = (hidden * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(_onnx_embedding(out, ids, mask), expected, atol=1e-4)
+    # The stored graph is ONNX Runtime's fused one (the reference recipe's fusions), int8 quantises it.
+    fused_ops = {fusion.split("x")[0] for fusion in manifest.variants["fp32"].fusions}
+    assert "SkipLayerNormalization" in fused_ops and fused_ops & {"Attention", "MultiHeadAttention"}
+    assert manifest.preferred["cpu"] == "int8"
+    int8 = _onnx_embedding(out, ids, mask, "model.int8.onnx")
+    cosines = (int8 * expected).sum(axis=1) / np.linalg.norm(int8, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosines.min() >= 0.97
 
 
 def test_import_sentence_transformers_layout_honours_pooling_and_normalize(

@@ -134,6 +134,7 @@ def test_fp16_variant_and_task_metric_on_eval_data(tiny_runs: Any, tmp_path: Pat
     write_bundle(source_from_run(tiny_runs.classify_run), out, options, lambda _: None)
     manifest = verify_bundle(out)
     assert set(manifest.variants) == {"fp32", "int8", "fp16"}
+    assert manifest.preferred == {"cpu": "int8", "cuda": "fp16"}
     fp16 = manifest.variants["fp16"].parity
     assert fp16["min_cosine"] >= 0.999 and fp16["accuracy_drop"] <= 0.02
     fp32 = manifest.variants["fp32"].parity
@@ -164,11 +165,29 @@ def test_retrieval_pairs_metric(tiny_runs: Any, tmp_path: Path) -> None:
 
 
 def test_fused_graph_is_gated_and_its_fusions_recorded(tiny_runs: Any, tmp_path: Path) -> None:
+    # The default export: ONNX Runtime's fused graph is stored, and int8 is quantised from it.
     out = tmp_path / "bundle"
-    options = ExportOptions(variants=["fp32"], fuse=True)
-    write_bundle(source_from_run(tiny_runs.classify_run), out, options, lambda _: None)
-    fp32 = verify_bundle(out).variants["fp32"]
-    assert fp32.fusions and all("x" in fusion for fusion in fp32.fusions)
+    write_bundle(source_from_run(tiny_runs.classify_run), out, ExportOptions(), lambda _: None)
+    manifest = verify_bundle(out)
+    fp32 = manifest.variants["fp32"]
+    # The project's encoder (pre-norm, bias-free layer norms) gets ORT's attention and skip-layer-norm.
+    assert any(fusion.startswith("MultiHeadAttentionx") for fusion in fp32.fusions)
+    assert any(fusion.startswith("SkipLayerNormalizationx") for fusion in fp32.fusions)
     assert fp32.parity["max_abs_diff"] <= 1e-4
     domains = {node.domain for node in onnx.load(str(out / "model.onnx")).graph.node}
     assert "com.microsoft" in domains  # ORT contrib ops: the stored graph is the fused one
+    int8_ops = {node.op_type for node in onnx.load(str(out / "model.int8.onnx")).graph.node}
+    assert "SkipLayerNormalization" in int8_ops and "MatMulInteger" in int8_ops
+    assert manifest.variants["int8"].parity["min_cosine"] >= 0.97
+    assert manifest.preferred == {"cpu": "int8", "cuda": "fp32"}
+
+
+def test_unfused_export_stores_the_plain_graph(tiny_runs: Any, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    options = ExportOptions(variants=["fp32"], fuse=False)
+    write_bundle(source_from_run(tiny_runs.classify_run), out, options, lambda _: None)
+    manifest = verify_bundle(out)
+    assert manifest.variants["fp32"].fusions == []
+    assert manifest.preferred == {"cpu": "fp32", "cuda": "fp32"}
+    domains = {node.domain for node in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "com.microsoft" not in domains

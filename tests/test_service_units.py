@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from bundle import BundleError, load_manifest
 from bundle.runtime import ModelOutputs
 from service.app import create_app
-from service.bundle_loader import load_model
+from service.bundle_loader import choose_variant, load_model
 from service.cli import SERVE_FLAGS, add_serve_arguments, settings_overrides
 from service.errors import ErrorType, reject_reason
 from service.middleware import OPEN_PATHS
@@ -54,6 +55,22 @@ def test_batch_defaults_depend_on_the_provider() -> None:
     assert settings.batch_limits("cpu") == CPU_BATCH_LIMITS
     assert settings.batch_limits("cuda") == CUDA_BATCH_LIMITS
     assert Settings(max_batch_size=1).batch_limits("cuda").max_batch_size == 1
+
+
+def test_auto_variant_is_the_manifests_preferred_one(tiny_bundle: Path) -> None:
+    manifest = load_manifest(tiny_bundle)
+    assert manifest.preferred == {"cpu": "int8", "cuda": "fp32"}
+    assert choose_variant(manifest, "auto", on_cuda=False) == "int8"
+    assert choose_variant(manifest, "auto", on_cuda=True) == "fp32"
+    assert choose_variant(manifest, "fp32", on_cuda=False) == "fp32"
+    fp32_preferred = manifest.model_copy(update={"preferred": {"cpu": "fp32"}})
+    assert choose_variant(fp32_preferred, "auto", on_cuda=False) == "fp32"
+    # A bundle written before the manifest named a preference: int8 on CPU, fp16 (absent here) on CUDA.
+    older = manifest.model_copy(update={"preferred": {}})
+    assert choose_variant(older, "auto", on_cuda=False) == "int8"
+    assert choose_variant(older, "auto", on_cuda=True) == "fp32"
+    with pytest.raises(BundleError, match="variant fp16 requested but the bundle has only"):
+        choose_variant(manifest, "fp16", on_cuda=True)
 
 
 def test_error_table_matches_the_design() -> None:
