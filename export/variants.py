@@ -73,18 +73,27 @@ def fuse_for_ort(fp32_path: Path, out_path: Path, num_heads: int, hidden_size: i
     from onnxruntime.transformers.optimizer import optimize_model
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    rewritten, _ = optimize_for_ort(onnx_ir.load(str(fp32_path)))
-    model = onnx_ir.to_proto(rewritten)
-    _give_layer_norms_a_bias(model)
-    options = FusionOptions("bert")
-    # The optimizer's symbolic shape inference fails on the dynamo exporter's shape arithmetic, and
-    # without it the skip-layer-norm fusion is skipped; with it off, the fusion assumes the residual
-    # Add's second input is the skip, which holds for these graphs (the parity gate checks the result).
-    options.enable_shape_inference = False
-    optimized = optimize_model(
-        model, model_type="bert", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options
-    )
-    optimized.save_model_to_file(str(out_path))
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
+        first_pass = Path(scratch) / "onnxscript.onnx"
+        rewritten, _ = optimize_for_ort(onnx_ir.load(str(fp32_path)))
+        onnx_ir.save(rewritten, str(first_pass))
+        model = onnx.load(str(first_pass))
+        _give_layer_norms_a_bias(model)
+        onnx.save(model, str(first_pass))
+        options = FusionOptions("bert")
+        # The optimizer's symbolic shape inference fails on the dynamo exporter's shape arithmetic,
+        # and without it the skip-layer-norm fusion is skipped; with it off, the fusion takes the
+        # residual Add's second input as the skip, which holds for these graphs (the parity gate
+        # checks the result).
+        options.enable_shape_inference = False
+        optimized = optimize_model(
+            str(first_pass),
+            model_type="bert",
+            num_heads=num_heads,
+            hidden_size=hidden_size,
+            optimization_options=options,
+        )
+        optimized.save_model_to_file(str(out_path))
     fused_ops = Counter(node.op_type for node in optimized.model.graph.node if node.domain == "com.microsoft")
     return sorted(f"{name}x{count}" for name, count in fused_ops.items())
 
