@@ -71,10 +71,10 @@ lint: $(BIN)/encoder system-deps
 # The default bundle, end to end from the WordNet demo data (BENCHMARKS.md, "The default model"):
 # data -> tokenizer -> MLM pretraining -> contrastive fine-tune (the encoder /embed serves, plus the
 # embedding's lexical channel weighted on held-out pairs) -> the classification heads on that frozen encoder, fitted on every training row: a linear head on its
-# embedding plus a lexical (token and bigram) head -> export fp32 + int8 (parity-gated, int8 also
+# embedding plus a lexical (token and bigram) head, class-weighted -> export fp32 + int8 (parity-gated, int8 also
 # by accuracy on the held-out split). Budgets are steps, so the result does not depend on how busy
-# the machine is (35 minutes measured on 2 cores shared with other jobs). The bundle's manifest
-# holds each step's training summary and the held-out classification figures.
+# the machine is (32 minutes measured on 2 cores shared with low-priority jobs). The bundle's manifest
+# holds each step's training summary and the held-out classification and retrieval figures.
 MODEL_RUNS ?= runs/default
 PRETRAIN_STEPS ?= 600
 EMBED_STEPS ?= 400
