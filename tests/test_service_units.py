@@ -160,8 +160,8 @@ def test_the_tokenizer_sees_at_most_max_chars_and_the_used_tokens_do_not_change(
 
     max_seq_len = 32
     tokenizer = TextTokenizer(tiny_bundle / "tokenizer.json", max_seq_len)
-    recording = RecordingTokenizer(tokenizer._cut["right"])
-    tokenizer._cut["right"] = recording  # type: ignore[assignment]
+    recording = RecordingTokenizer(tokenizer._cut["right", "longest_first"])
+    tokenizer._cut["right", "longest_first"] = recording  # type: ignore[assignment]
     uncut = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
     uncut.no_padding()
     uncut.enable_truncation(max_seq_len)
