@@ -137,8 +137,7 @@ def main() -> None:
     # service's (one fewer), whichever is faster, at its best batch size.
     thread_counts = sorted({len(os.sched_getaffinity(0)), default_intra_op_threads()})
     models = {
-        threads: load_model(Settings(bundle=args.bundle, intra_op_threads=threads))
-        for threads in thread_counts
+        threads: load_model(Settings(bundle=args.bundle), args.bundle, threads) for threads in thread_counts
     }
     texts = make_texts(4096)
     by_length = texts_by_length(models[thread_counts[0]], texts)

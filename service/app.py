@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.batcher import Batcher
-from service.bundle_loader import LoadedModel, load_model
+from service.bundle_loader import LoadedModel
 from service.error_handlers import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
+from service.model_routes import router as model_router
+from service.registry import load_models
 from service.routes import SERVICE_VERSION, router
 from service.settings import Settings
 from service.state import ServiceState
@@ -22,31 +23,20 @@ from service.tokenizer_routes import router as tokenizer_router
 logger = logging.getLogger("service.app")
 
 
-def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
-    """The app for `settings`; `model` is loaded here (in the lifespan) unless the caller already did."""
+def create_app(settings: Settings, models: dict[str, LoadedModel] | None = None) -> FastAPI:
+    """The app for `settings`; `models` (service.registry.load_models) are loaded here (in the lifespan)
+    unless the caller already did."""
     state = ServiceState(settings=settings, metrics=Metrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = model or await asyncio.to_thread(load_model, settings)
-        batcher = Batcher(
-            loaded.runtime,
-            loaded.limits,
-            settings.max_queue_items,
-            settings.max_queue_tokens,
-            loaded.tokenizer.pad_id,
-            state.metrics,
-        )
-        batcher.start()
-        state.model, state.batcher = loaded, batcher
-        state.metrics.set_model(
-            loaded.manifest.name, loaded.manifest.version, loaded.variant, loaded.runtime.provider
-        )
+        loaded = models or await asyncio.to_thread(load_models, settings)
+        state.registry.start(loaded, settings.bundles())
         state.ready = True
-        logger.info("ready: %s", loaded.limits)
+        logger.info("ready: %s", {name: model.limits for name, model in loaded.items()})
         yield
         state.ready = False
-        await batcher.stop()
+        await state.registry.stop()
 
     app = FastAPI(
         title="encoder-service",
@@ -57,6 +47,7 @@ def create_app(settings: Settings, model: LoadedModel | None = None) -> FastAPI:
     app.state.service = state
     app.include_router(router)
     app.include_router(tokenizer_router)
+    app.include_router(model_router)
     install_error_handlers(app)
     app.add_middleware(
         ServiceMiddleware,

@@ -32,7 +32,7 @@ import numpy as np
 from bundle.contract import pad_to_longest
 from bundle.runtime import ModelOutputs
 from service.errors import ErrorType, ServiceError
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 from service.settings import BatchLimits
 
 logger = logging.getLogger("service.batcher")
@@ -151,7 +151,7 @@ class Batcher:
         max_queue_items: int,
         max_queue_tokens: int,
         pad_id: int,
-        metrics: Metrics,
+        metrics: ModelMetrics,
     ) -> None:
         self._runtime = runtime
         self.limits = limits

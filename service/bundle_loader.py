@@ -1,12 +1,15 @@
-"""Load a model bundle for serving: verify it (bundle.verify_bundle), pick the variant, open the session."""
+"""Load a model bundle for serving: verify it (bundle.verify_bundle), pick the variant, open the session,
+warm it up, and measure what it added to the process's resident memory."""
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from bundle import BundleError, Manifest, verify_bundle
 from bundle.contract import LOGITS_OUTPUT, TOKENIZER_FILE
-from bundle.runtime import OnnxRuntime, cuda_available
+from bundle.manifest import MANIFEST_FILE, file_sha256
+from bundle.runtime import OnnxRuntime, cuda_available, default_intra_op_threads
 from service.settings import BatchLimits, Settings
 from service.tokenization import TextTokenizer
 
@@ -21,6 +24,9 @@ class LoadedModel:
     runtime: OnnxRuntime
     tokenizer: TextTokenizer
     limits: BatchLimits  # the batching settings resolved for the provider in use
+    # Of manifest.json, which pins every file: a reload that finds the same one changes nothing.
+    manifest_sha256: str
+    resident_bytes: int  # what loading and warming up added to the process's resident memory
 
     @property
     def vocab_size(self) -> int:
@@ -39,18 +45,35 @@ def choose_variant(manifest: Manifest, requested: str, on_cuda: bool) -> str:
     return manifest.preferred_variant("cuda" if on_cuda else "cpu")
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def resident_memory_bytes() -> int:
+    """The process's resident set size now (Linux /proc; the service runs on Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def intra_op_threads_per_model(settings: Settings, model_count: int) -> int:
+    """The explicit setting, or the default (one fewer than the CPUs) shared out evenly: each model
+    runs its batches on its own thread, so several busy models together use the same cores as one."""
+    if settings.intra_op_threads:
+        return settings.intra_op_threads
+    return max(1, default_intra_op_threads() // model_count)
+
+
+def load_model(settings: Settings, bundle_dir: Path, intra_op_threads: int) -> LoadedModel:
     """Verify, load and warm up the bundle. Raises BundleError (one line naming the file at fault) for
-    anything that must stop start-up, including a graph that does not run."""
-    bundle_dir, variant, provider = settings.bundle, settings.variant, settings.provider
+    anything that must stop start-up or refuse a reload, including a graph that does not run and a
+    process grown past settings.memory_budget_mb."""
+    variant, provider = settings.variant, settings.provider
+    resident_before = resident_memory_bytes()
     manifest = verify_bundle(bundle_dir)
+    manifest_sha256 = file_sha256(bundle_dir / MANIFEST_FILE)
     expects_cuda = provider == "cuda" or (provider == "auto" and cuda_available())
     chosen = choose_variant(manifest, variant, expects_cuda)
-    runtime = OnnxRuntime(bundle_dir / manifest.variants[chosen].file, provider, settings.intra_op_threads)
+    runtime = OnnxRuntime(bundle_dir / manifest.variants[chosen].file, provider, intra_op_threads)
     if runtime.provider == "cpu" and expects_cuda and variant == "auto" and chosen == "fp16":
         # onnxruntime-gpu is installed but no GPU is visible: serve the CPU variant instead of fp16.
         chosen = choose_variant(manifest, variant, on_cuda=False)
-        runtime = OnnxRuntime(bundle_dir / manifest.variants[chosen].file, "cpu", settings.intra_op_threads)
+        runtime = OnnxRuntime(bundle_dir / manifest.variants[chosen].file, "cpu", intra_op_threads)
     model_file = bundle_dir / manifest.variants[chosen].file
     if manifest.classifier is not None and not runtime.has_logits:
         raise BundleError(
@@ -62,5 +85,24 @@ def load_model(settings: Settings) -> LoadedModel:
         runtime.warm_up(limits.max_batch_size, manifest.max_seq_len, tokenizer.pad_id)
     except Exception as exc:  # ONNX Runtime's errors are untyped; any failure here is the graph's
         raise BundleError(f"{model_file}: the warm-up run failed ({str(exc).splitlines()[0]})") from None
-    logger.info("loaded %s %s (%s on %s)", manifest.name, manifest.version, chosen, runtime.provider)
-    return LoadedModel(bundle_dir, manifest, chosen, runtime, tokenizer, limits)
+    resident_after = resident_memory_bytes()
+    budget_mb = settings.memory_budget_mb
+    if budget_mb is not None and resident_after > budget_mb * 2**20:
+        raise BundleError(
+            f"{model_file}: loading it brings the process to {resident_after / 2**20:.0f} MiB resident, "
+            f"over memory_budget_mb ({budget_mb})"
+        )
+    resident_bytes = max(0, resident_after - resident_before)
+    logger.info(
+        "loaded %s %s from %s (%s on %s, %d intra-op threads): %.1f MiB resident",
+        manifest.name,
+        manifest.version,
+        bundle_dir,
+        chosen,
+        runtime.provider,
+        runtime.intra_op_threads,
+        resident_bytes / 2**20,
+    )
+    return LoadedModel(
+        bundle_dir, manifest, chosen, runtime, tokenizer, limits, manifest_sha256, resident_bytes
+    )

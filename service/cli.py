@@ -9,7 +9,13 @@ import argparse
 # (flag, type, choices, help): mirrors service.settings.Settings (a test keeps the two in step); the
 # help texts live here because this module may not import pydantic.
 SERVE_FLAGS: list[tuple[str, type, tuple[str, ...] | None, str]] = [
-    ("bundle", str, None, "model bundle directory (default bundles/default)"),
+    (
+        "bundle",
+        str,
+        None,
+        "model bundle directory, or NAME=DIR; repeat it (or separate with commas) to serve several "
+        "models, the first one the default (default bundles/default)",
+    ),
     (
         "variant",
         str,
@@ -35,24 +41,47 @@ SERVE_FLAGS: list[tuple[str, type, tuple[str, ...] | None, str]] = [
         "time to send the request body after its headers, 408 after it (default 30)",
     ),
     ("api-key", str, None, "require 'Authorization: Bearer KEY' (default: no key)"),
-    ("intra-op-threads", int, None, "ONNX Runtime intra-op threads (default 0: one fewer than the CPUs)"),
+    (
+        "intra-op-threads",
+        int,
+        None,
+        "ONNX Runtime intra-op threads per model (default 0: one fewer than the CPUs, shared out "
+        "among the models)",
+    ),
+    (
+        "memory-budget-mb",
+        int,
+        None,
+        "refuse to load a model that brings the process's resident memory past this (default: no limit)",
+    ),
     ("host", str, None, "address to bind (default 127.0.0.1; 0.0.0.0 in containers)"),
     ("port", int, None, "port to bind (default 8000)"),
 ]
 
 
+# Flags that may be given several times; their values are joined with commas, as in the variable.
+REPEATABLE_FLAGS = frozenset({"bundle"})
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, value_type, choices, help_text in SERVE_FLAGS:
         environment = "ENCODER_" + flag.upper().replace("-", "_")
+        action = "append" if flag in REPEATABLE_FLAGS else "store"
         parser.add_argument(
-            f"--{flag}", type=value_type, choices=choices, default=None, help=f"{help_text} [{environment}]"
+            f"--{flag}",
+            type=value_type,
+            choices=choices,
+            default=None,
+            action=action,
+            help=f"{help_text} [{environment}]",
         )
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The flags given on the command line; the rest come from ENCODER_* variables or defaults."""
     names = [flag.replace("-", "_") for flag, *_ in SERVE_FLAGS]
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {name: ",".join(value) if isinstance(value, list) else value for name, value in given.items()}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

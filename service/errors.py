@@ -58,11 +58,14 @@ def reject_reason(status: int) -> str | None:
 
 
 class ServiceError(Exception):
-    def __init__(self, error_type: ErrorType, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, error_type: ErrorType, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.param = param
+        self.code = code  # OpenAI's `code` when it names more than the type (`model_not_found`)
 
 
 # Seconds a client should wait after a 429 before retrying; a batch on CPU takes tens of ms,
@@ -77,7 +80,7 @@ def error_body(error: ServiceError, path: str) -> dict[str, object]:
                 "message": error.message,
                 "type": error.error_type.openai_type,
                 "param": error.param,
-                "code": error.error_type.tei_name,
+                "code": error.code or error.error_type.tei_name,
             }
         }
     return {"error": error.message, "error_type": error.error_type.tei_name}

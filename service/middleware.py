@@ -4,6 +4,11 @@ body's deadline.
 Every response passes here, so this is the one place that counts requests and rejections
 (encoder_rejected_total, by the reason the error table gives the response's status).
 
+Each model's routes are also served under /models/{name}/ (for example /models/search/embed): this
+layer takes the prefix off the path before routing, and leaves the name in the scope for the route
+to resolve (`REQUESTED_MODEL`), so TEI clients given the base URL http://host/models/search work
+unchanged; the route leaves the name of the model that answered (`SERVED_MODEL`) for the metrics.
+
 Pure ASGI (not BaseHTTPMiddleware) because it runs on every request and must not add a task hop, and
 because a body over the limit has to be refused while it streams in, before the app reads it. The body
 is read here, under body_timeout_s, and replayed to the app: a client that stops sending gets 408
@@ -17,7 +22,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from service.errors import ErrorType, ServiceError, error_response_parts
-from service.metrics import Metrics
+from service.metrics import MODEL_ROUTES, Metrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -27,6 +32,28 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Routes that queue work: refused with 429 before their body is read while the queue is full.
 INFERENCE_PATHS = frozenset({"/embed", "/classify", "/v1/embeddings"})
+
+MODEL_PREFIX = "/models/"
+# Scope keys: the model named by the path prefix (None without one), and the model that answered.
+REQUESTED_MODEL = "encoder.requested_model"
+SERVED_MODEL = "encoder.served_model"
+
+# Whether `model`'s queue (None: the default model's) is full; the model's name if so. The second
+# argument says the request names its model in its body, which has not been read yet.
+SaturatedCheck = Callable[[str | None, bool], str | None]
+
+
+def split_model_path(path: str) -> tuple[str | None, str]:
+    """("search", "/embed") for /models/search/embed; (None, path) for a path without a model prefix,
+    or one whose rest is not a model's route (left for the router to answer 404)."""
+    if not path.startswith(MODEL_PREFIX):
+        return None, path
+    name, _, rest = path.removeprefix(MODEL_PREFIX).partition("/")
+    route = "/" + rest
+    if not name or route not in MODEL_ROUTES:
+        return None, path
+    return name, route
+
 
 # Reachable without the API key: probes, the scraper, and the API documentation.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
@@ -40,7 +67,7 @@ class ServiceMiddleware:
         api_key: str | None,
         max_payload_bytes: int,
         body_timeout_s: float,
-        saturated: Callable[[], bool],
+        saturated: SaturatedCheck,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -53,8 +80,11 @@ class ServiceMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
         started = time.perf_counter()
+        requested, path = split_model_path(scope["path"])
+        if requested is not None:
+            scope = dict(scope, path=path, raw_path=path.encode())
+        scope[REQUESTED_MODEL] = requested
         status = 500  # if the app dies before answering, the server answers 500 (a backend error)
 
         async def send_and_observe(message: Message) -> None:
@@ -66,10 +96,13 @@ class ServiceMiddleware:
         try:
             headers = dict(scope["headers"])
             error = self._check_headers(path, headers)
-            if error is None and path in INFERENCE_PATHS and self.saturated():
+            if error is None and path in INFERENCE_PATHS:
                 # Under a flood most requests arrive while the queue is full: answering them before
                 # reading and parsing their body keeps a 429 cheap (the pipeline admits the others).
-                error = ServiceError(ErrorType.OVERLOADED, "the queue is full, retry later")
+                full = self.saturated(requested, path.startswith("/v1/"))
+                if full is not None:
+                    scope[SERVED_MODEL] = full
+                    error = ServiceError(ErrorType.OVERLOADED, "the queue is full, retry later")
             if error is None and has_body(headers):
                 receive, error = await self._read_body(receive)
             if error is not None:
@@ -77,7 +110,8 @@ class ServiceMiddleware:
             else:
                 await self.app(scope, receive, send_and_observe)
         finally:
-            self.metrics.observe_response(path, status, time.perf_counter() - started)
+            model = scope.get(SERVED_MODEL) or requested
+            self.metrics.observe_response(path, status, time.perf_counter() - started, model)
 
     def _check_headers(self, path: str, headers: dict[bytes, bytes]) -> ServiceError | None:
         if self.api_key is not None and path not in OPEN_PATHS:

@@ -16,6 +16,7 @@ from bundle import ClassifierSpec
 from service.batcher import InferenceResult
 from service.bundle_loader import LoadedModel
 from service.errors import ErrorType, ServiceError
+from service.registry import ServedVersion
 from service.state import ServiceState
 from service.tokenization import PairCut, TextInput, TextTokenizer, TokenizedInputs, TruncationSide
 
@@ -33,6 +34,13 @@ class Encoded:
     token_count: int
     tokenize_seconds: float
     started: float  # perf_counter when the handler began
+    model: str  # the served name
+    version: str  # the version that computed the result
+
+    @property
+    def model_id(self) -> str:
+        """`model` of an OpenAI answer: the name and the version that served it."""
+        return f"{self.model}@{self.version}"
 
     def embeddings(self) -> np.ndarray:
         return np.stack([output.embedding for output in self.result.outputs])  # (N, dim)
@@ -48,6 +56,8 @@ class Encoded:
             "x-queue-time": str(round(self.result.queue_seconds * 1000)),
             "x-inference-time": str(round(self.result.inference_seconds * 1000)),
             "x-compute-tokens": str(self.token_count),
+            "x-model-name": self.model,
+            "x-model-version": self.version,
         }
 
 
@@ -135,10 +145,11 @@ def check_batch_size(count: int, state: ServiceState) -> None:
         )
 
 
-def check_inputs(inputs: list[ModelInput], truncate: bool, state: ServiceState) -> list[ModelInput]:
+def check_inputs(
+    inputs: list[ModelInput], truncate: bool, state: ServiceState, model: LoadedModel
+) -> list[ModelInput]:
     """The inputs with texts cut to max_input_chars, or 422 if there are too many, a text is too long to
     cut, or a token ID is outside the vocabulary."""
-    model, _ = state.ready_model()
     check_batch_size(len(inputs), state)
     check_token_ids([item for item in inputs if isinstance(item, list)], model)
     limit = state.settings.max_input_chars
@@ -204,6 +215,7 @@ async def wait_for_disconnect(request: Request) -> None:
 async def encode(
     state: ServiceState,
     request: Request,
+    served: ServedVersion,
     inputs: list[ModelInput],
     truncate: bool,
     side: TruncationSide = "right",
@@ -211,15 +223,17 @@ async def encode(
     pair_cut: PairCut = "longest_first",
 ) -> Encoded:
     """Validate, tokenise and run `inputs` (texts, pairs or token IDs; `prompt` goes before each text;
-    `pair_cut` says which text of a pair is cut).
-    Raises ServiceError, CLIENT_DISCONNECTED included: a client that goes away has its queued items
-    dropped instead of computed for nobody."""
+    `pair_cut` says which text of a pair is cut) on the `served` version, which it holds (a lease)
+    until the result is in, so that a reload releases that version only after this request. Raises
+    ServiceError, CLIENT_DISCONNECTED included: a client that goes away has its queued items dropped
+    instead of computed for nobody."""
     started = time.perf_counter()
-    model, batcher = state.ready_model()
-    inputs = with_prompt(check_inputs(inputs, truncate, state), prompt)
+    model, batcher, metrics = served.model, served.batcher, served.metrics
+    inputs = with_prompt(check_inputs(inputs, truncate, state, model), prompt)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.request_timeout_s
     state.in_flight += 1
+    served.acquire()
     try:
         # Admission first: a full queue answers 429 before any tokenising (Batcher.admit).
         with batcher.admit(len(inputs), model.tokenizer.token_bound(inputs)) as reservation:
@@ -235,7 +249,7 @@ async def encode(
                         ErrorType.TIMEOUT, "the request deadline passed while its inputs were tokenised"
                     ) from None
             tokenize_seconds = time.perf_counter() - tokenize_started
-            state.metrics.tokenize_duration.observe(tokenize_seconds)
+            metrics.tokenize_duration.observe(tokenize_seconds)
             if not truncate and any(tokenized.truncated):
                 position = tokenized.truncated.index(True)
                 raise ServiceError(
@@ -259,8 +273,9 @@ async def encode(
             raise ServiceError(ErrorType.CLIENT_DISCONNECTED, "the client closed the connection")
         result = inference.result()  # raises the request's ServiceError (504, 500)
         # Counted once served, so that rejected requests (e.g. 429s under overload) do not inflate them.
-        state.metrics.input_tokens.inc(token_count)
-        state.metrics.truncated_inputs.inc(sum(tokenized.truncated))
-        return Encoded(result, token_count, tokenize_seconds, started)
+        metrics.input_tokens.inc(token_count)
+        metrics.truncated_inputs.inc(sum(tokenized.truncated))
+        return Encoded(result, token_count, tokenize_seconds, started, served.name, served.version)
     finally:
+        served.release()
         state.in_flight -= 1

@@ -4,6 +4,9 @@ and the post-processing (service/postprocess.py), and shapes the answer; status 
 the error table (service/errors.py). The tokenizer's routes are in service/tokenizer_routes.py.
 
 TEI's `POST /` answers as the route of the model's kind (`ROOT_ROUTES`).
+
+Each route answers for one model (`route_model`): the one named by the OpenAI `model` field, or by the
+path's /models/{name}/ prefix (service/middleware.py), or else the default model.
 """
 
 import json
@@ -22,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from bundle import Manifest
 from service.errors import ErrorType, ServiceError
+from service.middleware import REQUESTED_MODEL, SERVED_MODEL
 from service.pipeline import (
     Encoded,
     ModelInput,
@@ -42,6 +46,7 @@ from service.postprocess import (
     similarities,
     top_labels,
 )
+from service.registry import ServedVersion
 from service.schemas import (
     BatchingInfo,
     ClassifyRequest,
@@ -85,6 +90,7 @@ INFERENCE_ERRORS = (
     ErrorType.UNAUTHORIZED,
     ErrorType.PAYLOAD_TOO_LARGE,
     ErrorType.VALIDATION,
+    ErrorType.NOT_FOUND,
     ErrorType.OVERLOADED,
     ErrorType.BACKEND,
     ErrorType.UNHEALTHY,
@@ -103,6 +109,14 @@ def service_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(service_state)]
 
 
+def route_model(state: ServiceState, request: Request, name: str | None = None) -> ServedVersion:
+    """The model version that answers this request: `name` (the OpenAI `model` field), else the one the
+    path's /models/{name}/ prefix names, else the default model; 404 for a model that is not served."""
+    served = state.ready_model(name or request.scope.get(REQUESTED_MODEL))
+    request.scope[SERVED_MODEL] = served.name  # the middleware's `model` label
+    return served
+
+
 def json_response(content: object, headers: dict[str, str] | None = None) -> Response:
     # Rendered directly, numpy arrays included: response_model validation and json.dumps of thousands
     # of floats were the largest costs on the event loop (0.75 ms per 8x256 response; orjson: 0.04 ms).
@@ -117,12 +131,12 @@ router = APIRouter()
 async def embed(body: EmbedRequest, request: Request, state: State) -> Response:
     """Embeddings, Hugging Face text-embeddings-inference compatible: L2-normalised unless
     normalize is false, whatever the model (TEI's default)."""
-    model, _ = state.ready_model()
-    check_embedder(model)
-    check_dimensions(body.dimensions, model)
-    prompt = resolve_prompt(body.prompt_name, model)
+    served = route_model(state, request)
+    check_embedder(served.model)
+    check_dimensions(body.dimensions, served.model)
+    prompt = resolve_prompt(body.prompt_name, served.model)
     side = cut_side(body.truncation_direction)
-    encoded = await encode(state, request, as_list(body.inputs), body.truncate, side, prompt)
+    encoded = await encode(state, request, served, as_list(body.inputs), body.truncate, side, prompt)
     matrix = embedding_matrix(encoded.embeddings(), body.dimensions, body.normalize)
     return json_response(matrix, encoded.timing_headers())
 
@@ -130,10 +144,10 @@ async def embed(body: EmbedRequest, request: Request, state: State) -> Response:
 @router.post("/classify", response_model=ClassifyResponse, responses=TEI_ERRORS)
 async def classify(body: ClassifyRequest, request: Request, state: State) -> Response:
     """Label scores per input, best first (softmax, or sigmoid for multi-label; logits with raw_scores)."""
-    model, _ = state.ready_model()
-    classifier = check_classifier(body.top_k, model)
+    served = route_model(state, request)
+    classifier = check_classifier(body.top_k, served.model)
     side = cut_side(body.truncation_direction)
-    encoded = await encode(state, request, as_list(body.inputs), body.truncate, side)
+    encoded = await encode(state, request, served, as_list(body.inputs), body.truncate, side)
     scores = label_scores(encoded.logits(), classifier.multi_label, body.raw_scores)
     return json_response(top_labels(scores, classifier.labels, body.top_k), encoded.timing_headers())
 
@@ -142,10 +156,11 @@ async def classify(body: ClassifyRequest, request: Request, state: State) -> Res
 async def predict(body: PredictRequest, request: Request, state: State) -> Response:
     """Label scores in TEI's /predict shape: a text or a pair [text, text] gets its labels, best first;
     a batch ([[text], [text, text], ...]) gets one such list per input."""
-    model, _ = state.ready_model()
-    classifier = check_classifier(None, model)
+    served = route_model(state, request)
+    classifier = check_classifier(None, served.model)
     batch, single = pair_batch(body.inputs)
-    encoded = await encode(state, request, batch, body.truncate, cut_side(body.truncation_direction))
+    side = cut_side(body.truncation_direction)
+    encoded = await encode(state, request, served, batch, body.truncate, side)
     scores = label_scores(encoded.logits(), classifier.multi_label, body.raw_scores)
     predictions = top_labels(scores, classifier.labels, None)
     return json_response(predictions[0] if single else predictions, encoded.timing_headers())
@@ -154,25 +169,26 @@ async def predict(body: PredictRequest, request: Request, state: State) -> Respo
 @router.post("/similarity", response_model=SimilarityResponse, responses=TEI_ERRORS)
 async def similarity(body: SimilarityRequest, request: Request, state: State) -> Response:
     """Cosine similarity of inputs.source_sentence with each of inputs.sentences, in their order."""
-    model, _ = state.ready_model()
-    check_embedder(model)
+    served = route_model(state, request)
+    check_embedder(served.model)
     parameters = body.parameters or SimilarityParameters()
-    prompt = resolve_prompt(parameters.prompt_name, model)
+    prompt = resolve_prompt(parameters.prompt_name, served.model)
     texts: list[str] = [body.inputs.source_sentence, *body.inputs.sentences]
     side = cut_side(parameters.truncation_direction)
-    encoded = await encode(state, request, list(texts), parameters.truncate, side, prompt)
+    encoded = await encode(state, request, served, list(texts), parameters.truncate, side, prompt)
     return json_response(similarities(encoded.embeddings()), encoded.timing_headers())
 
 
 @router.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, responses=OPENAI_ERRORS)
 async def openai_embeddings(body: OpenAIEmbeddingRequest, request: Request, state: State) -> Response:
     """Embeddings, OpenAI API compatible (always L2-normalised, like OpenAI's; the model's default
-    prompt, if it has one, goes before each text)."""
-    model, _ = state.ready_model()
-    check_embedder(model)
-    check_dimensions(body.dimensions, model)
-    prompt = resolve_prompt(None, model)
-    encoded = await encode(state, request, as_list(body.input), truncate=True, prompt=prompt)
+    prompt, if it has one, goes before each text). `model` names the model (none: the default one);
+    the answer's `model` is the name and version that served it ("search@2")."""
+    served = route_model(state, request, body.model)
+    check_embedder(served.model)
+    check_dimensions(body.dimensions, served.model)
+    prompt = resolve_prompt(None, served.model)
+    encoded = await encode(state, request, served, as_list(body.input), truncate=True, prompt=prompt)
     matrix = embedding_matrix(encoded.embeddings(), body.dimensions, normalize=True)
     vectors: list = base64_rows(matrix) if body.encoding_format == "base64" else list(matrix)
     content = {
@@ -181,7 +197,7 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, request: Request, stat
             {"object": "embedding", "index": index, "embedding": vector}
             for index, vector in enumerate(vectors)
         ],
-        "model": body.model or model.manifest.name,
+        "model": encoded.model_id,
         "usage": {"prompt_tokens": encoded.token_count, "total_tokens": encoded.token_count},
     }
     return json_response(content, encoded.timing_headers())
@@ -190,6 +206,7 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, request: Request, stat
 async def rerank_pairs(
     state: ServiceState,
     request: Request,
+    served: ServedVersion,
     query: str,
     texts: list[str],
     truncate: bool,
@@ -197,19 +214,19 @@ async def rerank_pairs(
 ) -> Encoded:
     """Run (query, text) pairs through a reranker: 422 before any inference for another kind of model or
     a query too long to leave room for a text; pairs are cut from the text's side only."""
-    model, _ = state.ready_model()
-    check_reranker(model)
-    check_query(query, model)
+    check_reranker(served.model)
+    check_query(query, served.model)
     pairs: list[ModelInput] = [(query, text) for text in texts]
-    return await encode(state, request, pairs, truncate, cut_side(direction), pair_cut="only_second")
+    return await encode(state, request, served, pairs, truncate, cut_side(direction), pair_cut="only_second")
 
 
 @router.post("/rerank", response_model=RerankResponse, responses=TEI_ERRORS)
 async def rerank(body: RerankRequest, request: Request, state: State) -> Response:
     """The relevance of each text to the query, most relevant first (TEI's /rerank): the sigmoid of the
     cross-encoder's logit, or the logit with raw_scores."""
+    served = route_model(state, request)
     encoded = await rerank_pairs(
-        state, request, body.query, body.texts, body.truncate, body.truncation_direction
+        state, request, served, body.query, body.texts, body.truncate, body.truncation_direction
     )
     logits = encoded.logits()
     scores = relevance_scores(logits, body.raw_scores)
@@ -225,10 +242,11 @@ async def rerank(body: RerankRequest, request: Request, state: State) -> Respons
 @router.post("/v1/rerank", response_model=CohereRerankResponse, responses=OPENAI_ERRORS)
 async def cohere_rerank(body: CohereRerankRequest, request: Request, state: State) -> Response:
     """The `top_n` most relevant documents, Cohere's and Jina's rerank API (what the `cohere` client's
-    rerank posts): relevance_score is the sigmoid of the cross-encoder's logit."""
+    rerank posts): relevance_score is the sigmoid of the cross-encoder's logit. `model` names the model
+    (none: the default one); the answer's `model` is the name and version that served it."""
     texts = body.texts()
-    name = body.model or state.ready_model()[0].manifest.name
-    encoded = await rerank_pairs(state, request, body.query, texts, truncate=True)
+    served = route_model(state, request, body.model)
+    encoded = await rerank_pairs(state, request, served, body.query, texts, truncate=True)
     logits = encoded.logits()
     scores = relevance_scores(logits, raw_scores=False)
     results = [
@@ -239,7 +257,7 @@ async def cohere_rerank(body: CohereRerankRequest, request: Request, state: Stat
     content = {
         "id": str(uuid.uuid4()),
         "results": results,
-        "model": name,
+        "model": encoded.model_id,
         "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}},
         "usage": {"total_tokens": encoded.token_count},
     }
@@ -302,8 +320,8 @@ async def root(request: Request, state: State) -> Response:
     """TEI's default route, as TEI serves it: /rerank for a reranker, /predict for a model with a
     classifier, /embed otherwise (what Hugging Face's InferenceClient posts to when given the service's
     URL)."""
-    model, _ = state.ready_model()
-    body_model, handler = ROOT_ROUTES[model_kind(model.manifest)]
+    served = route_model(state, request)
+    body_model, handler = ROOT_ROUTES[model_kind(served.model.manifest)]
     return await handler(parse_body(body_model, await request.body()), request, state)
 
 
@@ -329,8 +347,18 @@ VARIANT_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 
 
 @router.api_route("/info", methods=["GET", "HEAD"], response_model=Info)
-async def info(state: State) -> Info:
-    model, _ = state.ready_model()
+async def info(request: Request, state: State) -> Info:
+    """TEI's /info for the model the path names (the default one at /info), with every served model
+    described under `models` (at /info; at /models/{name}/info, that model alone)."""
+    served = route_model(state, request)
+    if request.scope.get(REQUESTED_MODEL) is not None:
+        return model_info(served, state)
+    every = [model_info(version, state) for version in state.registry.versions()]
+    return model_info(served, state).model_copy(update={"models": every})
+
+
+def model_info(served: ServedVersion, state: ServiceState) -> Info:
+    model = served.model
     manifest, settings, limits = model.manifest, state.settings, model.limits
     model_type: TEIClassifierType | TEIEmbeddingType | TEIRerankerType
     if manifest.reranker is not None:
@@ -353,7 +381,7 @@ async def info(state: State) -> Info:
         model_sha=manifest.variants[model.variant].sha256,
         model_dtype=VARIANT_DTYPES[model.variant],
         model_type=model_type,
-        served_model_name=manifest.name,
+        served_model_name=served.name,
         max_concurrent_requests=settings.max_queue_items,
         max_input_length=manifest.max_seq_len,
         max_batch_tokens=limits.max_batch_tokens,
@@ -388,6 +416,7 @@ async def info(state: State) -> Info:
             request_timeout_s=settings.request_timeout_s,
         ),
         service_version=SERVICE_VERSION,
+        resident_bytes=model.resident_bytes,
     )
 
 

@@ -541,6 +541,33 @@ class Info(BaseModel):
     default_prompt_name: str | None
     batching: BatchingInfo
     service_version: str
+    resident_bytes: int = Field(description="resident memory that loading this model version added")
+    # At /info, every served model (the default one first), each described as above; empty elsewhere.
+    models: list["Info"] = Field(default_factory=list)
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int  # the bundle's creation time, Unix seconds
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class ReloadResult(BaseModel):
+    model: str
+    outcome: Literal["reloaded", "unchanged", "refused"]
+    version: str = Field(description="the version serving after the attempt")
+    previous_version: str
+    error: str | None = Field(description="why a refused bundle was refused")
+
+
+class ReloadResponse(BaseModel):
+    models: list[ReloadResult]
 
 
 class Status(BaseModel):

@@ -1,18 +1,21 @@
-"""Run the service: verify and load the bundle before binding the port, run uvicorn, drain on SIGTERM.
+"""Run the service: verify and load the bundles before binding the port, run uvicorn, drain on SIGTERM,
+reload the models' directories on SIGHUP (service/registry.py).
 
 `encoder serve` (service/cli.py) is the one entry point. This module imports the whole serving stack
 and never torch (tests/test_service_units.py checks it in a fresh interpreter).
 """
 
+import asyncio
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
 
 from service.app import create_app
-from service.bundle_loader import load_model
 from service.http_protocol import service_protocol
+from service.registry import load_models
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -37,6 +40,11 @@ class DrainingServer(uvicorn.Server):
             return
         super().handle_exit(sig, frame)  # SIGINT, or a second SIGTERM: uvicorn's own shutdown
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # SIGHUP: re-read every model's directory and swap in what changed, while serving.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.state.registry.reload_in_background)
+        await super().startup(sockets)
+
     async def on_tick(self, counter: int) -> bool:
         if self.state.draining and self.state.drained:
             self.should_exit = True
@@ -45,9 +53,11 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings) -> dict[str, object]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Until the server handles it, a SIGHUP (a reload) must not end the process, as it would by default.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Verified and loaded before the port is bound: a bad bundle never gets as far as accepting traffic.
-    model = load_model(settings)
-    app = create_app(settings, model)
+    models = load_models(settings)
+    app = create_app(settings, models)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -58,4 +68,13 @@ def serve(settings: Settings) -> dict[str, object]:
     )
     server = DrainingServer(config, app.state.service)
     server.run()
-    return {"bundle": str(settings.bundle), "variant": model.variant, "provider": model.runtime.provider}
+    return {
+        "models": {
+            name: {
+                "bundle": str(model.bundle_dir),
+                "variant": model.variant,
+                "provider": model.runtime.provider,
+            }
+            for name, model in models.items()
+        }
+    }

@@ -2,10 +2,11 @@
 flag of `encoder serve` (service/cli.py holds the flags and their help texts; a test keeps the two in
 step)."""
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,10 +33,47 @@ CPU_BATCH_LIMITS = BatchLimits(max_batch_tokens=2048, max_batch_size=16, max_wai
 CUDA_BATCH_LIMITS = BatchLimits(max_batch_tokens=16384, max_batch_size=512, max_wait_ms=0.0, max_padding=1.0)
 
 
+# A model's name is a path segment (/models/{name}/embed) and a metric label value.
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class BundleSpec(BaseModel):
+    """One served model: the name it is served under (None: the manifest's name) and its directory,
+    which a reload reads again."""
+
+    name: str | None
+    directory: Path
+
+
+def parse_bundles(value: str) -> list[BundleSpec]:
+    """`DIR`, or `NAME=DIR` entries separated by commas (the flag may also be repeated, which joins
+    them); the first one is the default model. Raises ValueError naming the entry at fault."""
+    specs: list[BundleSpec] = []
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            raise ValueError(f"empty entry in {value!r}")
+        name, equals, directory = entry.partition("=")
+        if not equals:
+            specs.append(BundleSpec(name=None, directory=Path(entry)))
+            continue
+        if not MODEL_NAME_PATTERN.match(name):
+            raise ValueError(f"model name {name!r} must be letters, digits, '.', '_' or '-' (at most 64)")
+        if not directory:
+            raise ValueError(f"no directory for model {name!r}")
+        specs.append(BundleSpec(name=name, directory=Path(directory)))
+    if len(specs) > 1 and any(spec.name is None for spec in specs):
+        raise ValueError("with several bundles, each needs a name: NAME=DIR")
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a model name is given twice in {value!r}")
+    return specs
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ENCODER_", extra="ignore")
 
-    bundle: Path = Path("bundles/default")
+    # `DIR` or `NAME=DIR,NAME2=DIR2` (parse_bundles); the first model is the default one.
+    bundle: str = "bundles/default"
     variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     provider: Literal["auto", "cuda", "cpu"] = "auto"
     # None: the provider's default (CPU_BATCH_LIMITS or CUDA_BATCH_LIMITS).
@@ -59,9 +97,26 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)  # from the first byte (or the connection) to the headers' end
     body_timeout_s: float = Field(30.0, gt=0)  # from the headers' end to the body's end
     api_key: str | None = None
-    intra_op_threads: int = Field(0, ge=0)  # 0: bundle.runtime.default_intra_op_threads()
+    # 0: bundle.runtime.default_intra_op_threads() shared out among the models (intra_op_threads_per_model)
+    intra_op_threads: int = Field(0, ge=0)
+    # Resident memory (MiB) the process may reach by loading a model; None: no limit.
+    memory_budget_mb: int | None = Field(None, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("bundle", mode="before")
+    @classmethod
+    def _bundle_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
+
+    @field_validator("bundle")
+    @classmethod
+    def _bundles_parse(cls, value: str) -> str:
+        parse_bundles(value)
+        return value
+
+    def bundles(self) -> list[BundleSpec]:
+        return parse_bundles(self.bundle)
 
     @model_validator(mode="after")
     def _queue_holds_a_client_batch(self) -> "Settings":

@@ -1,12 +1,11 @@
-"""What the routes share: the settings, the metrics, the loaded model with its batcher, and the
+"""What the routes share: the settings, the metrics, the served models (service/registry.py), and the
 lifecycle flags that /ready and the SIGTERM drain (service/server.py) read."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from service.batcher import Batcher
-from service.bundle_loader import LoadedModel
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
+from service.registry import ModelRegistry, ServedVersion
 from service.settings import Settings
 
 
@@ -14,24 +13,32 @@ from service.settings import Settings
 class ServiceState:
     settings: Settings
     metrics: Metrics
-    model: LoadedModel | None = None
-    batcher: Batcher | None = None
+    registry: ModelRegistry = field(init=False)
     ready: bool = False
     draining: bool = False  # set on SIGTERM: /ready answers 503 and new work is refused
     in_flight: int = 0  # inference requests accepted and not yet answered
 
+    def __post_init__(self) -> None:
+        self.registry = ModelRegistry(self.settings, self.metrics)
+
     @property
     def drained(self) -> bool:
-        return self.in_flight == 0 and (self.batcher is None or self.batcher.idle)
+        return self.in_flight == 0 and self.registry.idle
 
-    def saturated(self) -> bool:
-        """Whether the queue is full, so that an inference request can be refused (429) unread."""
-        return self.batcher is not None and self.batcher.saturated
+    def saturated(self, model: str | None, named_in_body: bool) -> str | None:
+        """The name of `model` (None: the default model) if its queue is full, so that an inference
+        request for it can be refused (429) unread. A request that names its model in its body (OpenAI)
+        can be refused unread only when one model is served."""
+        if not self.ready or (named_in_body and len(self.registry.names) > 1):
+            return None
+        name = model or self.registry.default_name
+        return name if self.registry.saturated(name) else None
 
-    def ready_model(self) -> tuple[LoadedModel, Batcher]:
-        """The model and batcher that take new work; 503 while loading or draining."""
+    def ready_model(self, name: str | None = None) -> ServedVersion:
+        """The version of model `name` (None: the default model) that takes new work; 503 while
+        loading or draining, 404 for a model that is not served."""
         if self.draining:
             raise ServiceError(ErrorType.UNHEALTHY, "the service is shutting down")
-        if not self.ready or self.model is None or self.batcher is None:
+        if not self.ready or not self.registry.loaded:
             raise ServiceError(ErrorType.UNHEALTHY, "the model is not loaded yet")
-        return self.model, self.batcher
+        return self.registry.get(name)

@@ -64,7 +64,8 @@ def exposed_metric_names() -> set[str]:
     from service.metrics import Metrics
 
     metrics = Metrics()
-    metrics.set_model(name="tiny", version="1", variant="fp32", provider="cpu")  # as the service does on load
+    metrics.add_model("tiny")  # as the service does on load
+    metrics.model_loaded("tiny", name="tiny", version="1", variant="fp32", provider="cpu", resident=1)
     names = set()
     for line in metrics.exposition().decode().splitlines():
         if line and not line.startswith("#"):

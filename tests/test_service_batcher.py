@@ -62,7 +62,8 @@ async def started(
     max_queue_items: int = 1000,
     max_queue_tokens: int = 100_000,
 ) -> AsyncIterator[Batcher]:
-    batcher = Batcher(runtime, batch_limits, max_queue_items, max_queue_tokens, PAD_ID, Metrics())
+    metrics = Metrics().add_model("tiny")
+    batcher = Batcher(runtime, batch_limits, max_queue_items, max_queue_tokens, PAD_ID, metrics)
     batcher.start()
     try:
         yield batcher
@@ -306,7 +307,7 @@ def test_max_wait_lets_a_batch_wait_for_requests_still_being_tokenised() -> None
 def test_stop_fails_running_and_queued_requests_as_unhealthy() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()
-        batcher = Batcher(runtime, limits(), 100, 10_000, PAD_ID, Metrics())
+        batcher = Batcher(runtime, limits(), 100, 10_000, PAD_ID, Metrics().add_model("tiny"))
         batcher.start()
         running = await hold_runtime(batcher, runtime)
         queued = asyncio.create_task(batcher.infer([item_ids(95, 4)], deadline()))

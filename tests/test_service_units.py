@@ -112,7 +112,7 @@ def test_readme_names_the_real_rejection_reasons_and_open_paths() -> None:
 def test_backend_failure_is_a_500_and_the_next_request_is_served(
     tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = load_model(Settings(bundle=tiny_bundle))
+    model = load_model(Settings(bundle=tiny_bundle), tiny_bundle, intra_op_threads=1)
     real_run = model.runtime.run
     calls = {"count": 0}
 
@@ -123,14 +123,14 @@ def test_backend_failure_is_a_500_and_the_next_request_is_served(
         return real_run(input_ids, attention_mask)
 
     monkeypatch.setattr(model.runtime, "run", fails_once)
-    with TestClient(create_app(Settings(bundle=tiny_bundle), model)) as client:
+    with TestClient(create_app(Settings(bundle=tiny_bundle), {"tiny": model})) as client:
         failed = client.post("/embed", json={"inputs": "a cat"})
         assert failed.status_code == 500
         assert failed.json()["error_type"] == "Backend"
         openai_failed = client.post("/v1/embeddings", json={"input": "a cat"})
         assert openai_failed.status_code == 200  # the loop survived the failed batch
         assert client.get("/ready").status_code == 200
-        assert 'encoder_rejected_total{reason="backend"} 1.0' in client.get("/metrics").text
+        assert 'encoder_rejected_total{model="tiny",reason="backend"} 1.0' in client.get("/metrics").text
 
 
 def test_bundle_without_classifier_serves_embed_only(tiny_bundle_no_classifier: Path) -> None:
