@@ -170,20 +170,19 @@ class Metrics:
             registry=registry,
         )
         self.models: dict[str, ModelMetrics] = {}
-        self._initialise_requests(NO_MODEL)
-
-    def _initialise_requests(self, model: str) -> None:
-        for route in ROUTES:
-            self.request_duration.labels(route=route, model=model)
-            self.requests.labels(route=route, status="200", model=model)
+        # Requests refused before any model is known (a slow or malformed request) are counted here.
         for reason in REJECT_REASONS:
-            self.rejected.labels(reason=reason, model=model)
+            self.rejected.labels(reason=reason, model=NO_MODEL)
 
     def add_model(self, model: str) -> ModelMetrics:
         """Register a configured model's label value, with its series initialised; returns its series."""
         if model in self.models:
             return self.models[model]
-        self._initialise_requests(model)
+        for route in ROUTES:
+            self.request_duration.labels(route=route, model=model)
+            self.requests.labels(route=route, status="200", model=model)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason, model=model)
         for outcome in RELOAD_OUTCOMES:
             self.reloads.labels(model=model, outcome=outcome)
         series: list[MetricWrapperBase] = [

@@ -191,7 +191,7 @@ def test_cpu_image_drains_on_sigterm_and_exits_0(cpu_image: str) -> None:
             thread.start()
         # Every request accepted (tokenised means past the readiness check) before the signal: one that
         # arrives after it is rightly refused with 503, which is not what this test is about.
-        wait_for(lambda: metric(url, "encoder_tokenize_duration_seconds_count") >= requests, "all accepted")
+        wait_for(lambda: metric(url, TOKENIZED) >= requests, "all accepted")
         queued = queue_items(url)
         podman("kill", "--signal=TERM", container.name)
         assert wait_for(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 503, "/ready to turn 503")
@@ -203,15 +203,18 @@ def test_cpu_image_drains_on_sigterm_and_exits_0(cpu_image: str) -> None:
         assert draining and int(draining.group(1)) > 0, "the signal must arrive with requests in flight"
 
 
+TOKENIZED = 'encoder_tokenize_duration_seconds_count{model="default"}'
+
+
 def metric(url: str, series: str) -> float:
     metrics = httpx.get(f"{url}/metrics", timeout=5).text
-    match = re.search(rf"^{series} (\S+)$", metrics, re.M)
+    match = re.search(rf"^{re.escape(series)} (\S+)$", metrics, re.M)
     assert match, f"{series} not exposed"
     return float(match.group(1))
 
 
 def queue_items(url: str) -> float:
-    return metric(url, "encoder_queue_items")
+    return metric(url, 'encoder_queue_items{model="default"}')
 
 
 T = TypeVar("T")

@@ -239,8 +239,11 @@ def test_grafana_dashboard_is_importable() -> None:
     assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
     panels = dashboard["panels"]
     assert len({panel["id"] for panel in panels}) == len(panels), "panel ids must be unique"
-    (variable,) = dashboard["templating"]["list"]
+    variable, model = dashboard["templating"]["list"]
     assert variable["type"] == "datasource" and variable["query"] == "prometheus"
+    # The model selector lists the loaded models and selects all of them by default.
+    assert model["name"] == "model" and model["definition"] == "label_values(encoder_model_info, model)"
+    assert model["includeAll"] and model["allValue"] == ".*"
     for panel in panels:
         assert {"x", "y", "w", "h"} <= set(panel["gridPos"]) and panel["gridPos"]["x"] + panel["gridPos"][
             "w"
@@ -274,6 +277,13 @@ def test_dashboard_queries_use_only_metrics_the_service_exposes() -> None:
         "encoder_rejected_total",
     ):
         assert required in referenced, f"no panel shows {required}"
+
+
+def test_dashboard_follows_the_model_selector() -> None:
+    # Every service metric has a `model` label: each panel shows the models chosen in the selector.
+    for expr in dashboard_exprs():
+        for selector in re.findall(r"\bencoder_\w+(\{[^}]*\})?", expr):
+            assert selector.startswith('{model=~"$model"'), expr
 
 
 def test_dashboard_traffic_panels_cover_every_inference_route() -> None:

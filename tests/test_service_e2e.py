@@ -199,11 +199,11 @@ def error_message(response: httpx.Response) -> str:
 def test_lone_surrogate_is_422_naming_the_field_before_any_work(
     base_url: str, route: str, body: str, field: str
 ) -> None:
-    tokenized_before = metric_value(base_url, "encoder_tokenize_duration_seconds_count")
+    tokenized_before = metric_value(base_url, TOKENIZED)
     response = httpx.post(f"{base_url}{route}", content=body, headers={"content-type": "application/json"})
     assert_error(response, 422, "Validation")
     assert error_message(response).startswith(f"{field}: ") and "surrogate" in error_message(response)
-    assert metric_value(base_url, "encoder_tokenize_duration_seconds_count") == tokenized_before
+    assert metric_value(base_url, TOKENIZED) == tokenized_before
 
 
 @pytest.mark.parametrize(
@@ -294,7 +294,7 @@ def test_overload_answers_429_then_keeps_serving(limited_url: str) -> None:
                 *(client.post(f"{limited_url}/embed", json=payload) for _ in range(64))
             )
 
-    tokenized_before = metric_value(limited_url, "encoder_tokenize_duration_seconds_count")
+    tokenized_before = metric_value(limited_url, TOKENIZED)
     responses = asyncio.run(burst())
     statuses = [response.status_code for response in responses]
     assert set(statuses) <= {200, 429}, statuses
@@ -303,12 +303,12 @@ def test_overload_answers_429_then_keeps_serving(limited_url: str) -> None:
     assert_error(overloaded, 429, "Overloaded")
     assert overloaded.headers["retry-after"].isdigit()
     # Admission comes before tokenising: only the requests that were served were tokenised.
-    tokenized = metric_value(limited_url, "encoder_tokenize_duration_seconds_count") - tokenized_before
+    tokenized = metric_value(limited_url, TOKENIZED) - tokenized_before
     assert tokenized == statuses.count(200)
     assert post(f"{limited_url}/embed", {"inputs": TEXTS}).status_code == 200
     assert httpx.get(f"{limited_url}/ready").status_code == 200
     metrics = httpx.get(f"{limited_url}/metrics").text
-    assert f'encoder_rejected_total{{reason="queue_full"}} {statuses.count(429)}.0' in metrics
+    assert f'encoder_rejected_total{{model="tiny",reason="queue_full"}} {statuses.count(429)}.0' in metrics
 
 
 def raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -365,7 +365,7 @@ def impatient_url(tiny_bundle: Path) -> Iterator[str]:
 def test_slow_or_malformed_requests_get_json_and_a_closed_connection(
     impatient_url: str, request_bytes: bytes, status: int, error_type: str, reason: str
 ) -> None:
-    series = f'encoder_rejected_total{{reason="{reason}"}}'
+    series = f'encoder_rejected_total{{model="",reason="{reason}"}}'
     before = metric_value(impatient_url, series)
     answered, headers, body = raw_exchange(impatient_url, request_bytes)
     assert answered == status
@@ -420,7 +420,7 @@ def test_sigterm_drains_without_losing_a_request(tiny_bundle: Path) -> None:
                     async def all_accepted() -> bool:
                         # Tokenised means accepted: past the readiness check, counted in flight.
                         metrics = (await probe.get(f"{service.base_url}/metrics")).text
-                        return metric_in(metrics, "encoder_tokenize_duration_seconds_count") >= requests
+                        return metric_in(metrics, TOKENIZED) >= requests
 
                     async def not_ready() -> bool:
                         return (await probe.get(f"{service.base_url}/ready")).status_code == 503
@@ -437,6 +437,11 @@ def test_sigterm_drains_without_losing_a_request(tiny_bundle: Path) -> None:
         assert all(len(response.json()) == texts_per_request for response in responses)
         assert service.process.wait(30) == 0
         assert "draining" in service.log()
+
+
+TOKENIZED = 'encoder_tokenize_duration_seconds_count{model="tiny"}'
+QUEUED = 'encoder_queue_items{model="tiny"}'
+DISCONNECTED = 'encoder_rejected_total{model="tiny",reason="client_disconnected"}'
 
 
 def metric_in(exposition: str, series: str) -> float:
@@ -475,18 +480,18 @@ def test_disconnected_client_items_are_dropped_before_they_run(tiny_bundle: Path
             # Every item of the first request is queued, running (at most one) or counted as run; more
             # than that means the second request's items are in the queue.
             exposition = httpx.get(f"{url}/metrics").text
-            queued = metric_in(exposition, "encoder_queue_items")
+            queued = metric_in(exposition, QUEUED)
             return queued + metric_in(exposition, "encoder_batch_size_count") > first_items
 
         with concurrent.futures.ThreadPoolExecutor(1) as background:
             first = background.submit(httpx.post, f"{url}/embed", json={"inputs": texts}, timeout=120)
-            wait_for(lambda: metric_value(url, "encoder_queue_items") > 0)
+            wait_for(lambda: metric_value(url, QUEUED) > 0)
             with socket.create_connection((host, int(port))) as impatient:
                 impatient.sendall(raw_request)
                 wait_for(second_request_queued)
-            wait_for(lambda: metric_value(url, 'encoder_rejected_total{reason="client_disconnected"}') == 1)
+            wait_for(lambda: metric_value(url, DISCONNECTED) == 1)
             assert first.result().status_code == 200
-        wait_for(lambda: metric_value(url, "encoder_queue_items") == 0)
+        wait_for(lambda: metric_value(url, QUEUED) == 0)
         # Had its items not been dropped, all 1,000 would have run after the disconnect.
         assert metric_value(url, "encoder_batch_size_count") < first_items + second_items
         assert post(f"{url}/embed", {"inputs": "a cat"}).status_code == 200
@@ -539,7 +544,7 @@ def test_metrics_pass_promtool_and_count_requests(base_url: str, tmp_path: Path)
         "encoder_rejected_total",
     ):
         assert f"\n{name}" in exposition, name
-    assert 'encoder_model_info{name="tiny",provider="cpu",variant="fp32",version=' in exposition
+    assert 'encoder_model_info{model="tiny",name="tiny",provider="cpu",variant="fp32",version=' in exposition
     checked = subprocess.run(
         ["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True
     )
@@ -557,7 +562,7 @@ def test_prometheus_scrapes_the_service(base_url: str, tmp_path: Path) -> None:
         assert post(f"{base_url}/embed", {"inputs": "a cat"}).status_code == 200
     expected = float(
         httpx.get(f"{base_url}/metrics")
-        .text.split('encoder_requests_total{route="/embed",status="200"} ')[1]
+        .text.split('encoder_requests_total{model="tiny",route="/embed",status="200"} ')[1]
         .split()[0]
     )
     port = free_port()

@@ -346,8 +346,9 @@ def test_root_answers_as_the_models_kind(
     assert_422(malformed, "malformed JSON", "line 1")
     assert_422(httpx.post(f"{embedder_url}/", content=b'{"inputs": "\xff"}'), "UTF-8")
     metrics = httpx.get(f"{embedder_url}/metrics").text
-    assert 'encoder_requests_total{route="/",status="200"}' in metrics
-    assert 'encoder_requests_total{route="/similarity",status="200"}' in metrics  # registered at start-up
+    assert 'encoder_requests_total{model="tiny",route="/",status="200"}' in metrics
+    # Registered at start-up:
+    assert 'encoder_requests_total{model="tiny",route="/similarity",status="200"}' in metrics
 
 
 def test_huggingface_inference_client(

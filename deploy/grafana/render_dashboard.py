@@ -4,7 +4,8 @@
         --out docs/grafana_dashboard.png
 
 Each panel's queries run through Prometheus' query_range API exactly as written in the dashboard JSON,
-with Grafana's `$__rate_interval` replaced by --rate-interval; the panels keep their places on
+with Grafana's `$__rate_interval` replaced by --rate-interval and the model selector by --model (a
+regular expression; every model by default); the panels keep their places on
 Grafana's 24-column grid. Grafana itself is not needed (nor available on the development machine).
 """
 
@@ -26,7 +27,13 @@ DASHBOARD = Path(__file__).resolve().parent / "dashboards" / "encoder.json"
 POINTS_PER_PANEL = 240
 
 # Grafana unit -> (scale, axis label); seconds are shown in milliseconds like the service's headers.
-UNITS = {"s": (1000.0, "ms"), "percentunit": (100.0, "%"), "reqps": (1.0, "req/s"), "short": (1.0, "")}
+UNITS = {
+    "s": (1000.0, "ms"),
+    "percentunit": (100.0, "%"),
+    "reqps": (1.0, "req/s"),
+    "short": (1.0, ""),
+    "bytes": (1 / 2**20, "MiB"),
+}
 
 Series = tuple[str, list[float], list[float]]  # legend, timestamps, values
 
@@ -47,11 +54,15 @@ def legend(template: str, labels: dict[str, str]) -> str:
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda match: labels.get(match.group(1), ""), template).strip()
 
 
-def panel_series(prometheus: str, panel: dict, rate_interval: str, start: float, end: float) -> list[Series]:
+def panel_series(
+    prometheus: str, panel: dict, variables: dict[str, str], start: float, end: float
+) -> list[Series]:
     step = max(1.0, (end - start) / POINTS_PER_PANEL)
     series = []
     for target in panel["targets"]:
-        expr = target["expr"].replace("$__rate_interval", rate_interval)
+        expr = target["expr"]
+        for name, value in variables.items():
+            expr = expr.replace(name, value)
         for result in query_range(prometheus, expr, start, end, step):
             times = [float(timestamp) - end for timestamp, _ in result["values"]]
             values = [float(value) for _, value in result["values"]]
@@ -85,7 +96,7 @@ def draw_timeseries(axes: Axes, series: list[Series], scale: float, unit: str) -
         axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
 
 
-def render(prometheus: str, out: Path, minutes: float, rate_interval: str) -> None:
+def render(prometheus: str, out: Path, minutes: float, variables: dict[str, str]) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     end = time.time()
     start = end - minutes * 60
@@ -98,7 +109,7 @@ def render(prometheus: str, out: Path, minutes: float, rate_interval: str) -> No
         axes = figure.add_subplot(grid[y : y + h - 1, x : x + w])
         axes.set_title(panel["title"], fontsize=9, loc="left")
         scale, unit = UNITS.get(panel["fieldConfig"]["defaults"].get("unit", "short"), (1.0, ""))
-        series = panel_series(prometheus, panel, rate_interval, start, end)
+        series = panel_series(prometheus, panel, variables, start, end)
         if panel["type"] == "stat":
             draw_stat(axes, panel, series, scale, unit)
         else:
@@ -114,8 +125,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/grafana_dashboard.png"))
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--rate-interval", default="20s", help="stands for Grafana's $__rate_interval")
+    parser.add_argument("--model", default=".*", help="stands for the dashboard's $model (a regex)")
     args = parser.parse_args()
-    render(args.prometheus.rstrip("/"), args.out, args.minutes, args.rate_interval)
+    variables = {"$__rate_interval": args.rate_interval, "$model": args.model}
+    render(args.prometheus.rstrip("/"), args.out, args.minutes, variables)
     print(json.dumps({"out": str(args.out)}))
 
 
