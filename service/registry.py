@@ -168,11 +168,12 @@ class ModelRegistry:
             try:
                 # Loaded on a worker thread: the old version keeps serving on the event loop meanwhile.
                 loaded = await asyncio.to_thread(self._load_if_changed, directory, threads, current.model)
-            except (BundleError, OSError) as error:
+            except Exception as error:  # whatever stops a new version, the old one serves on
+                reason = str(error) if isinstance(error, BundleError) else f"{type(error).__name__}: {error}"
                 logger.error(
-                    "reload of %s refused, version %s keeps serving: %s", name, current.version, error
+                    "reload of %s refused, version %s keeps serving: %s", name, current.version, reason
                 )
-                refused = ReloadOutcome(name, "refused", current.version, current.version, str(error))
+                refused = ReloadOutcome(name, "refused", current.version, current.version, reason)
                 return self._count(refused)
             if loaded is None:
                 logger.info("reload of %s: %s unchanged, version %s", name, directory, current.version)

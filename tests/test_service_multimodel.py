@@ -19,7 +19,6 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import TinyRuns
 from tokenizers import Tokenizer
 
 from service.cli import add_serve_arguments, settings_overrides
@@ -33,46 +32,38 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle_v2(tiny_runs: TinyRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second version of tiny_bundle_no_classifier: other weights (seed 1), manifest version 2."""
-    import torch
+def tiny_bundle_v2(tiny_bundle_no_classifier: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second version of tiny_bundle_no_classifier that answers differently: manifest version 2 with
+    a default prompt, which goes before every text (the manifest is not checksummed; `encoder export
+    --version 2 --prompt ... --default-prompt-name ...` writes the same fields)."""
+    from bundle.manifest import EmbeddingSpec, load_manifest
 
-    from export.bundle_writer import ExportOptions, write_bundle
-    from export.run_source import source_from_run
-    from model.encoder import Encoder
-    from model.run import load_run, save_run
-
-    first = load_run(tiny_runs.embed_run)
-    torch.manual_seed(1)
-    weights = {f"encoder.{key}": value for key, value in Encoder(first.config).state_dict().items()}
-    root = tmp_path_factory.mktemp("v2")
-    run = save_run(
-        root / "embed",
-        kind="embed",
-        config=first.config,
-        weights=weights,
-        tokenizer_path=tiny_runs.tokenizer,
-        normalize=True,
-        summary={"note": "random weights, test fixture, version 2"},
-    )
-    out = root / "tiny_v2"
-    write_bundle(source_from_run(run, name="tiny"), out, ExportOptions(variants=["fp32"], version="2"), print)
+    out = tmp_path_factory.mktemp("v2") / "tiny_v2"
+    shutil.copytree(tiny_bundle_no_classifier, out)
+    manifest = load_manifest(out)
+    prompts = {"embedding": EmbeddingSpec(**manifest.embedding.model_dump() | V2_PROMPT)}
+    manifest.model_copy(update={"version": "2"} | prompts).write(out)
     return out
+
+
+V2_PROMPT = {"prompts": {"query": "query: "}, "default_prompt_name": "query"}
 
 
 TEXTS = ["the dog sees the garden.", "a cat", "an old oak grows near the river bank and covers a wooden box."]
 
 
 def embeddings_of(bundle: Path, texts: list[str]) -> np.ndarray:
-    """Raw ONNX Runtime on the bundle's fp32 graph, one text at a time, L2-normalised."""
+    """Raw ONNX Runtime on the bundle's fp32 graph, one text at a time (after the default prompt, if
+    the bundle has one), L2-normalised."""
     manifest = json.loads((bundle / "manifest.json").read_text())
+    prompt = manifest["embedding"]["prompts"].get(manifest["embedding"]["default_prompt_name"], "")
     tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.enable_truncation(manifest["max_seq_len"])
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     rows = []
     for text in texts:
-        ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
+        ids = np.array([tokenizer.encode(prompt + text).ids], dtype=np.int64)
         (embedding,) = session.run(["embedding"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
         rows.append(embedding[0] / np.linalg.norm(embedding[0]))
     return np.array(rows)
@@ -152,6 +143,8 @@ def test_both_models_answer_through_each_route(
     ]
     assert all(model["resident_bytes"] > 0 for model in info["models"])
     assert httpx.get(f"{two_models}/models/search/info").json()["labels"] == []
+    # Without an API key configured, the admin route is not served.
+    assert httpx.post(f"{two_models}/admin/reload").status_code == 404
     metrics = httpx.get(f"{two_models}/metrics").text
     assert 'encoder_requests_total{model="search",route="/embed",status="200"} 1.0' in metrics
     assert 'encoder_requests_total{model="search",route="/v1/embeddings",status="200"} 1.0' in metrics
@@ -222,7 +215,7 @@ class LoadLoop:
         self.futures = [self.pool.submit(self._work, worker) for worker in range(workers)]
 
     def _work(self, worker: int) -> None:
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=60, headers=AUTH) as client:
             sent = 0
             while not self.stop.is_set():
                 text = TEXTS[(worker + sent) % len(TEXTS)]
@@ -291,6 +284,7 @@ def test_swap_under_load_loses_no_request(
         try:
             until(lambda: loop.count("1") >= 300)
             point(link, tiny_bundle_v2)
+            assert httpx.post(f"{url}/admin/reload").status_code == 401  # operators only
             reloaded = httpx.post(f"{url}/admin/reload", headers=AUTH, timeout=120).json()
             assert reloaded["models"] == [
                 {
@@ -330,14 +324,6 @@ def loaded_versions(url: str) -> list[str]:
         for line in lines
         if line.startswith("encoder_model_info{")
     ]
-
-
-def test_admin_reload_needs_the_api_key(tiny_bundle: Path) -> None:
-    with running_service(tiny_bundle, api_key=API_KEY) as url:
-        assert httpx.post(f"{url}/admin/reload").status_code == 401
-        assert httpx.post(f"{url}/admin/reload", headers=AUTH).json()["models"][0]["outcome"] == "unchanged"
-    with running_service(tiny_bundle) as url:
-        assert httpx.post(f"{url}/admin/reload").status_code == 404
 
 
 def test_sighup_refuses_a_corrupt_version_and_swaps_in_a_good_one(
