@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--flood-clients", type=int, default=48)
     args = parser.parse_args()
     bundles = f"calm={args.bundle},busy={args.bundle}"
-    with ServiceProcess(args.bundle, bundle=bundles) as service:
+    with ServiceProcess(args.bundle, ENCODER_BUNDLE=bundles) as service:
         # Warm both models' paths before measuring.
         asyncio.run(run_load(service.base_url, 4, 1, requests=200, route="/models/calm/embed"))
         alone = asyncio.run(

@@ -28,6 +28,7 @@ from service.settings import BundleSpec, SettingsError, parse_bundles, settings_
 pytestmark = pytest.mark.e2e
 
 API_KEY = "operator-secret"
+# The bundles go in as ENCODER_BUNDLE: `bundle` is the service helpers' own first argument.
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -99,7 +100,7 @@ def test_bundle_setting_takes_names_and_the_flag_repeats() -> None:
 def two_models(tiny_bundle: Path, tiny_bundle_v2: Path) -> Iterator[str]:
     # fp32 so that answers can be compared exactly with raw ONNX Runtime.
     bundles = f"classes={tiny_bundle},search={tiny_bundle_v2}"
-    with running_service(tiny_bundle, bundle=bundles, variant="fp32") as url:
+    with running_service(tiny_bundle, ENCODER_BUNDLE=bundles, variant="fp32") as url:
         yield url
 
 
@@ -174,7 +175,7 @@ def test_a_flooded_model_does_not_refuse_the_other(tiny_bundle: Path, tiny_bundl
     (How much slower the other gets is measured, not asserted: BENCHMARKS.md.)"""
     bundles = f"busy={tiny_bundle},calm={tiny_bundle_v2}"
     limits = {"max_queue_items": 32, "max_client_batch": 32, "max_batch_size": 1}
-    with running_service(tiny_bundle, bundle=bundles, **limits) as url:
+    with running_service(tiny_bundle, ENCODER_BUNDLE=bundles, **limits) as url:
         flood = {"inputs": [TEXTS[2]] * 32}
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             floods = [
@@ -279,7 +280,7 @@ def test_swap_under_load_loses_no_request(
     link = tmp_path / "search"
     point(link, tiny_bundle_no_classifier)
     expected = {"1": expected_vectors(tiny_bundle_no_classifier), "2": expected_vectors(tiny_bundle_v2)}
-    with running_service(link, bundle=f"search={link}", variant="fp32", api_key=API_KEY) as url:
+    with running_service(link, ENCODER_BUNDLE=f"search={link}", variant="fp32", api_key=API_KEY) as url:
         loop = LoadLoop(url, workers=4, bound=6000)
         try:
             until(lambda: loop.count("1") >= 300)
@@ -341,7 +342,7 @@ def test_sighup_refuses_a_corrupt_version_and_swaps_in_a_good_one(
         series = f'encoder_model_reloads_total{{model="search",outcome="{outcome}"}} '
         return float(httpx.get(f"{service.base_url}/metrics").text.split(series)[1].split()[0])
 
-    with ServiceProcess(link, bundle=f"search={link}", variant="fp32") as service:
+    with ServiceProcess(link, ENCODER_BUNDLE=f"search={link}", variant="fp32") as service:
         point(link, corrupt)
         service.process.send_signal(signal.SIGHUP)
         until(lambda: reloads(service, "refused") == 1)
