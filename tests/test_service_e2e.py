@@ -442,6 +442,7 @@ def test_sigterm_drains_without_losing_a_request(tiny_bundle: Path) -> None:
 TOKENIZED = 'encoder_tokenize_duration_seconds_count{model="tiny"}'
 QUEUED = 'encoder_queue_items{model="tiny"}'
 DISCONNECTED = 'encoder_rejected_total{model="tiny",reason="client_disconnected"}'
+BATCHED_ITEMS = 'encoder_batch_size_count{model="tiny"}'
 
 
 def metric_in(exposition: str, series: str) -> float:
@@ -481,7 +482,7 @@ def test_disconnected_client_items_are_dropped_before_they_run(tiny_bundle: Path
             # than that means the second request's items are in the queue.
             exposition = httpx.get(f"{url}/metrics").text
             queued = metric_in(exposition, QUEUED)
-            return queued + metric_in(exposition, "encoder_batch_size_count") > first_items
+            return queued + metric_in(exposition, BATCHED_ITEMS) > first_items
 
         with concurrent.futures.ThreadPoolExecutor(1) as background:
             first = background.submit(httpx.post, f"{url}/embed", json={"inputs": texts}, timeout=120)
@@ -493,7 +494,7 @@ def test_disconnected_client_items_are_dropped_before_they_run(tiny_bundle: Path
             assert first.result().status_code == 200
         wait_for(lambda: metric_value(url, QUEUED) == 0)
         # Had its items not been dropped, all 1,000 would have run after the disconnect.
-        assert metric_value(url, "encoder_batch_size_count") < first_items + second_items
+        assert metric_value(url, BATCHED_ITEMS) < first_items + second_items
         assert post(f"{url}/embed", {"inputs": "a cat"}).status_code == 200
 
 
