@@ -58,8 +58,8 @@ def test_tampered_int8_graph_is_refused(
 ) -> None:
     real_quantize = bundle_writer.quantize_int8
 
-    def tampered_quantize(fp32_path: Path, out_path: Path) -> None:
-        real_quantize(fp32_path, out_path)
+    def tampered_quantize(fp32_path: Path, out_path: Path, **options: Any) -> None:
+        real_quantize(fp32_path, out_path, **options)
         _perturb_largest_initializer(out_path, relative_noise=1.0)
 
     monkeypatch.setattr(bundle_writer, "quantize_int8", tampered_quantize)
