@@ -19,13 +19,13 @@ last line, every figure as one JSON object.
 import argparse
 import json
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime
+from export_bench import throughputs  # the sibling benchmark: the same turn-taking measurement
 from tokenizers import Tokenizer
 
 from bundle import verify_bundle
@@ -78,21 +78,6 @@ def build_reference(fp32_graph: Path, num_heads: int, hidden_size: int, workdir:
     return {"reference fused fp32": fused, "reference fused int8": quantized}
 
 
-def texts_per_second(engines: dict[str, Run], batches: Batches, repeats: int) -> dict[str, float]:
-    texts = sum(ids.shape[0] for ids, _ in batches)
-    for run in engines.values():  # warm-up: allocations, ORT's first-run shape specialisation
-        for ids, mask in batches:
-            run(ids, mask)
-    best = dict.fromkeys(engines, float("inf"))
-    for _ in range(repeats):
-        for name, run in engines.items():
-            started = time.perf_counter()
-            for ids, mask in batches:
-                run(ids, mask)
-            best[name] = min(best[name], time.perf_counter() - started)
-    return {name: texts / seconds for name, seconds in best.items()}
-
-
 def markdown(rates: dict[int, dict[str, float]]) -> str:
     lines = ["| engine | " + " | ".join(f"batch {size}" for size in rates) + " |"]
     lines.append("|---|" + "---:|" * len(rates))
@@ -135,7 +120,7 @@ def main() -> None:
         )
         engines = {name: session_runner(path, args.threads) for name, path in paths.items()}
         rates = {
-            size: texts_per_second(engines, length_sorted_batches(tokenizer, texts, size), args.repeats)
+            size: throughputs(engines, length_sorted_batches(tokenizer, texts, size), args.repeats)
             for size in BATCH_SIZES
         }
     print(markdown(rates))

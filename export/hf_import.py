@@ -188,14 +188,7 @@ def source_from_hf(
         tokenizer=load_tokenizer(model_dir, max_seq_len),
         name=name or model_dir.resolve().name,
         max_seq_len=max_seq_len,
-        architecture=Architecture(
-            kind=f"hf-{config.model_type}",
-            num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            vocab_size=config.vocab_size,
-            parameter_count=sum(parameter.numel() for parameter in backbone.parameters()),
-        ),
+        architecture=hf_architecture(config, backbone),
         embedding=EmbeddingSpec(
             dim=config.hidden_size,
             pooling=chosen_pooling,
@@ -205,6 +198,18 @@ def source_from_hf(
         ),
         source=f"import-hf:{model_dir.resolve().name}",
         training={"imported_from": str(model_dir.resolve()), "sentence_transformers": st_pooling is not None},
+    )
+
+
+def hf_architecture(config: Any, model: nn.Module) -> Architecture:
+    """The manifest's architecture record of a Hugging Face BERT-family model."""
+    return Architecture(
+        kind=f"hf-{config.model_type}",
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        vocab_size=config.vocab_size,
+        parameter_count=sum(parameter.numel() for parameter in model.parameters()),
     )
 
 
@@ -224,14 +229,7 @@ def _cross_encoder_source(model_dir: Path, config: Any, name: str | None, max_se
         tokenizer=tokenizer,
         name=name or model_dir.resolve().name,
         max_seq_len=max_seq_len,
-        architecture=Architecture(
-            kind=f"hf-{config.model_type}",
-            num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            vocab_size=config.vocab_size,
-            parameter_count=sum(parameter.numel() for parameter in model.parameters()),
-        ),
+        architecture=hf_architecture(config, model),
         embedding=EmbeddingSpec(dim=config.hidden_size, pooling="cls", normalize=False),
         reranker=RerankerSpec(),
         source=f"import-hf:{model_dir.resolve().name}",

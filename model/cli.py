@@ -403,6 +403,21 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     return pretrain(options)
 
 
+def _fine_tune_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options every fine-tune takes from the common training flags (_add_common_training, _add_limit)."""
+    return {
+        "seed": args.seed,
+        "device": args.device,
+        "threads": args.threads,
+        "budget_minutes": args.budget_minutes,
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "limit": args.limit,
+        "progress": not args.no_progress,
+    }
+
+
 def run_finetune_classify(args: argparse.Namespace) -> dict[str, Any]:
     from model.finetune import ClassifyOptions, finetune_classify
 
@@ -418,15 +433,7 @@ def run_finetune_classify(args: argparse.Namespace) -> dict[str, Any]:
         head_epochs=args.head_epochs,
         lexical_buckets=args.lexical_buckets,
         class_balance=args.class_balance,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
-        budget_minutes=args.budget_minutes,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        limit=args.limit,
-        progress=not args.no_progress,
+        **_fine_tune_options(args),
     )
     return finetune_classify(options)
 
@@ -446,15 +453,7 @@ def run_finetune_embed(args: argparse.Namespace) -> dict[str, Any]:
         mine_negatives=args.mine_negatives,
         lexical_dim=args.lexical_dim,
         lexical_weight=args.lexical_weight,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
-        budget_minutes=args.budget_minutes,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        limit=args.limit,
-        progress=not args.no_progress,
+        **_fine_tune_options(args),
     )
     return finetune_embed(options)
 
@@ -469,15 +468,7 @@ def run_finetune_rerank(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs,
         in_batch_negatives=args.in_batch_negatives,
         mine_negatives=not args.no_mining,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
-        budget_minutes=args.budget_minutes,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        limit=args.limit,
-        progress=not args.no_progress,
+        **_fine_tune_options(args),
     )
     return finetune_rerank(options)
 
