@@ -1,6 +1,9 @@
 """Unit tests of model/: the encoder, masking, schedule, metrics, RUN save/load and WordNet parsing."""
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +191,19 @@ def test_parse_debian_descriptions_and_sections() -> None:
     }
     dumpavail = "Package: foo\nVersion: 1\nSection: contrib/science\n\nPackage: bar\nSection: games\n"
     assert parse_sections(dumpavail) == {"foo": "science", "bar": "games"}
+
+
+def test_default_training_threads_follow_the_cpus_the_process_may_use() -> None:
+    # A child pinned to one CPU (as taskset or a container's cpuset would) trains on one thread, even
+    # on a host with more.
+    script = "from model.training import set_threads; print(set_threads(None))"
+    pinned = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+    )
+    assert pinned.stdout.strip() == "1"
+    free = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert free.stdout.strip() == str(min(4, len(os.sched_getaffinity(0))))
