@@ -9,6 +9,9 @@ plain text.
   counted per route.
 - A request the parser rejects (a bad Content-Length, bad chunk framing, a broken request line) gets
   400 in the JSON shape instead of uvicorn's plain text.
+- A response's status line and headers leave in the same write as its first body bytes. uvicorn writes
+  them separately; a replica killed between the two writes leaves a proxy holding a response head it
+  has already passed on and cannot retry, so the client sees a torn response instead of a retried one.
 
 Both are counted in encoder_requests_total (route "other") and encoder_rejected_total.
 """
@@ -16,10 +19,47 @@ Both are counted in encoder_requests_total (route "other") and encoder_rejected_
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from service.errors import ErrorType, ServiceError, error_response_parts
 from service.metrics import Metrics
+
+
+class WholeResponseTransport:
+    """The transport one request's cycle writes through: it holds the response head (the first write
+    after the response has started) and sends it with the next write, the body. A HEAD request has no
+    body write, so its head goes out at once; so does anything written before the response starts
+    (`100 Continue`). A response closed before its body (the app failed after starting it) is dropped
+    whole: a proxy retries a response that never began, never one cut after its head."""
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self.transport = transport
+        self.cycle = cycle
+        self.head: bytes | None = None
+        self.head_seen = False
+
+    def write(self, data: bytes) -> None:
+        if not self.cycle.response_started:
+            self.transport.write(data)
+        elif not self.head_seen:
+            self.head_seen = True
+            if self.cycle.scope["method"] == "HEAD":
+                self.transport.write(data)
+            else:
+                self.head = data
+        else:
+            self.transport.write(self.release_head() + data)
+
+    def release_head(self) -> bytes:
+        head, self.head = self.head or b"", None
+        return head
+
+    def close(self) -> None:
+        self.head = None
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
 
 
 def service_protocol(header_timeout_s: float, metrics: Metrics) -> type[asyncio.Protocol]:
@@ -51,6 +91,9 @@ def service_protocol(header_timeout_s: float, metrics: Metrics) -> type[asyncio.
         def on_headers_complete(self) -> None:
             self.disarm_header_timer()
             super().on_headers_complete()
+            # The cycle's task has been created but has not run yet, so it writes nothing before this.
+            if self.cycle is not None:
+                self.cycle.transport = WholeResponseTransport(self.transport, self.cycle)  # type: ignore[assignment]
 
         def arm_header_timer(self) -> None:
             if self.header_timer is None:

@@ -2,14 +2,19 @@
 and in-process (TestClient) checks of failures that a real bundle cannot produce on demand."""
 
 import argparse
+import asyncio
+import logging
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from bundle import BundleError, load_manifest
 from bundle.runtime import ModelOutputs
@@ -17,6 +22,7 @@ from service.app import create_app
 from service.bundle_loader import choose_variant, load_model
 from service.cli import SERVE_FLAGS, add_serve_arguments, settings_overrides
 from service.errors import ErrorType, reject_reason
+from service.http_protocol import WholeResponseTransport
 from service.middleware import OPEN_PATHS
 from service.settings import CPU_BATCH_LIMITS, CUDA_BATCH_LIMITS, Settings, SettingsError, settings_from
 
@@ -178,3 +184,81 @@ def test_the_tokenizer_sees_at_most_max_chars_and_the_used_tokens_do_not_change(
     # Cutting on the left keeps the end of the text, characters first and then tokens.
     uncut.enable_truncation(max_seq_len, direction="left")
     assert tokenizer.encode([texts[0]], "left").token_ids == [uncut.encode(texts[0]).ids]
+
+
+class RecordingTransport:
+    """What a socket would have been asked to send, one entry per write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+def response_writes(
+    method: str, messages: list[dict[str, Any]], expect_100_continue: bool = False
+) -> RecordingTransport:
+    """Drive uvicorn's own request/response cycle through the service's transport and record the writes."""
+    transport = RecordingTransport()
+    scope = {"type": "http", "method": method, "path": "/embed", "http_version": "1.1"}
+    cycle = RequestResponseCycle(
+        scope=scope,  # type: ignore[arg-type]
+        transport=transport,  # type: ignore[arg-type]
+        flow=FlowControl(transport),  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+        access_logger=logging.getLogger("test"),
+        access_log=False,
+        default_headers=[],
+        message_event=asyncio.Event(),
+        expect_100_continue=expect_100_continue,
+        keep_alive=True,
+        on_response=lambda: None,
+    )
+    cycle.transport = WholeResponseTransport(transport, cycle)  # type: ignore[arg-type,assignment]
+
+    async def drive() -> None:
+        if expect_100_continue:
+            cycle.message_event.set()  # the body has arrived, so receive() answers 100 Continue and returns
+            await cycle.receive()
+        for message in messages:
+            if message["type"] == "close":
+                cycle.transport.close()
+            else:
+                await cycle.send(message)  # type: ignore[arg-type]
+
+    asyncio.run(drive())
+    return transport
+
+
+START = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+
+
+def test_a_response_head_leaves_with_its_body_in_one_write() -> None:
+    sent = response_writes("POST", [START, {"type": "http.response.body", "body": b"{}"}])
+    assert len(sent.writes) == 1
+    assert sent.writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and sent.writes[0].endswith(b"\r\n\r\n{}")
+
+
+def test_a_head_request_and_100_continue_are_not_held() -> None:
+    head_only = response_writes("HEAD", [START])
+    assert len(head_only.writes) == 1 and head_only.writes[0].startswith(b"HTTP/1.1 200 OK")
+    continued = response_writes("POST", [START, {"type": "http.response.body", "body": b"{}"}], True)
+    assert continued.writes[0] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert len(continued.writes) == 2 and continued.writes[1].endswith(b"{}")
+
+
+def test_a_response_closed_before_its_body_sends_nothing() -> None:
+    """A proxy can retry a response that never began, not one whose head it has already passed on."""
+    sent = response_writes("POST", [START, {"type": "close"}])
+    assert sent.writes == [] and sent.closed
