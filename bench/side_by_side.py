@@ -89,11 +89,11 @@ def ceiling_latency_ms(
 
 def mean_batch_size(base_url: str) -> tuple[float, float]:
     text = httpx.get(f"{base_url}/metrics").text
-    values = {}
+    values = {"encoder_batch_size_sum": 0.0, "encoder_batch_size_count": 0.0}
     for line in text.splitlines():
-        if line.startswith(("encoder_batch_size_sum", "encoder_batch_size_count")):
-            name, value = line.split()
-            values[name] = float(value)
+        name = line.partition("{")[0]  # summed over the `model` label (one model here)
+        if name in values:
+            values[name] += float(line.rsplit(maxsplit=1)[1])
     return values["encoder_batch_size_sum"], values["encoder_batch_size_count"]
 
 

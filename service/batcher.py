@@ -3,9 +3,9 @@ with fair scheduling across requests.
 
 A handler first asks for room (`Batcher.admit`, a 429 decided before any tokenising), tokenises its
 request, then submits its items (one text each) and awaits the result. One asyncio task, the batching
-loop, owns the queue: as soon as the runtime is free it picks the next batch and runs it in one
-`InferenceSession.run` on a dedicated thread. While that runs the event loop keeps accepting and
-tokenising requests, which form the next batch.
+loop, owns the queue: as soon as a run slot is free (`concurrent_batches`, one on a GPU) it picks the
+next batch and runs it in one `InferenceSession.run` on a thread of its own. While batches run the
+event loop keeps accepting and tokenising requests, which form the next batch.
 
 Fairness: queued requests wait in a round-robin line, least recently served first. A batch looks at
 most `max_batch_size / queued requests` items of each request (at least one), always includes the
@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -167,9 +167,12 @@ class Batcher:
         self._reserved_tokens = 0
         self._arriving = 0
         self._wake = asyncio.Event()
-        self._running = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._running = 0  # batches in ONNX Runtime now, at most limits.concurrent_batches
+        self._executor = ThreadPoolExecutor(
+            max_workers=limits.concurrent_batches, thread_name_prefix="inference"
+        )
         self._task: asyncio.Task[None] | None = None
+        self._runs: set[asyncio.Task[None]] = set()
 
     @property
     def queued_items(self) -> int:
@@ -187,10 +190,11 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batching-loop")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._runs]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for request in list(self._line):
             request.fail(ServiceError(ErrorType.UNHEALTHY, "the service is shutting down"))
             self._drop(request)
@@ -266,17 +270,26 @@ class Batcher:
         self._wake.set()
         return request
 
-    async def wait(self, request: QueuedRequest) -> InferenceResult:
+    async def wait(
+        self, request: QueuedRequest, abandoned: asyncio.Future[None] | None = None
+    ) -> InferenceResult:
         """The submitted request's result. Raises ServiceError: TIMEOUT when the deadline (loop time)
-        passes, BACKEND when its batch failed. Cancelling the caller (client gone) drops its items that
-        have not run yet."""
+        passes, BACKEND when its batch failed, CLIENT_DISCONNECTED when `abandoned` (the client going
+        away) completes first. Whatever ends the wait, a cancelled caller included, drops the request's
+        items that have not run yet. No task of its own: one request is one task, however it ends."""
+        waiting: set[asyncio.Future[Any]] = (
+            {request.future} if abandoned is None else {request.future, abandoned}
+        )
         try:
-            async with asyncio.timeout_at(request.deadline):
-                # Awaiting the future directly: a timeout or a cancelled caller cancels it.
-                return await request.future
-        except TimeoutError:
-            raise _timeout_error() from None
+            timeout = request.deadline - asyncio.get_running_loop().time()
+            await asyncio.wait(waiting, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+            if request.future.done():
+                return request.future.result()  # raises the request's ServiceError (BACKEND, TIMEOUT)
+            if abandoned is not None and abandoned.done():
+                raise ServiceError(ErrorType.CLIENT_DISCONNECTED, "the client closed the connection")
+            raise _timeout_error()
         finally:
+            request.future.cancel()
             if request.pending:
                 self._drop(request)
 
@@ -298,11 +311,25 @@ class Batcher:
         self._metrics.queue_tokens.set(self._queued_tokens)
 
     async def _loop(self) -> None:
+        # Up to limits.concurrent_batches batches run at once, each on its own executor thread: the next
+        # batch is picked as soon as a run slot is free, so with two slots one batch's Python work (padding,
+        # delivering results) overlaps another's inference instead of leaving a core idle.
+        slots = asyncio.Semaphore(self.limits.concurrent_batches)
         while True:
             try:
-                batch = await self._next_batch()
-                if batch:
-                    await self._run(batch)
+                await slots.acquire()
+                try:
+                    batch = await self._next_batch()
+                except BaseException:
+                    slots.release()
+                    raise
+                if not batch:
+                    slots.release()
+                    continue
+                run = asyncio.get_running_loop().create_task(self._run(batch))
+                self._runs.add(run)
+                run.add_done_callback(self._runs.discard)
+                run.add_done_callback(lambda _: slots.release())
             except Exception:
                 # A bug here must not end the only consumer of the queue (every later request would
                 # then time out); the items in hand time out at their deadline, the rest are served.
@@ -366,7 +393,7 @@ class Batcher:
 
     async def _run(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
-        self._running = True
+        self._running += 1
         try:
             input_ids, attention_mask = pad_to_longest([item.token_ids for item in batch], self._pad_id)
             started_at = loop.time()
@@ -392,7 +419,7 @@ class Batcher:
                 item.request.fail(error)
             return
         finally:
-            self._running = False
+            self._running -= 1
         finished_at = loop.time()
         padded_tokens = input_ids.size
         self._metrics.batch_size.observe(len(batch))

@@ -80,7 +80,7 @@ def load_model(settings: Settings, bundle_dir: Path, intra_op_threads: int) -> L
             f"{model_file}: the manifest declares a classifier but the graph has no {LOGITS_OUTPUT!r} output"
         )
     tokenizer = TextTokenizer(bundle_dir / TOKENIZER_FILE, manifest.max_seq_len)
-    limits = settings.batch_limits(runtime.provider)
+    limits = settings.batch_limits(runtime.provider, runtime.intra_op_threads)
     try:
         runtime.warm_up(limits.max_batch_size, manifest.max_seq_len, tokenizer.pad_id)
     except Exception as exc:  # ONNX Runtime's errors are untyped; any failure here is the graph's

@@ -27,6 +27,12 @@ SERVE_FLAGS: list[tuple[str, type, tuple[str, ...] | None, str]] = [
     ("max-batch-size", int, None, "texts per batch (default 16 on CPU, 512 on CUDA); 1 turns batching off"),
     ("max-wait-ms", float, None, "wait for requests still being tokenised (default 0)"),
     ("max-padding", float, None, "largest share of padding in a batch (default 0.15 on CPU, 1 on CUDA)"),
+    (
+        "concurrent-batches",
+        int,
+        None,
+        "batches run at once, each on its own thread (default: CPUs // intra-op threads on CPU, 1 on CUDA)",
+    ),
     ("max-queue-items", int, None, "queued texts before requests get 429 (default 8192)"),
     ("max-queue-tokens", int, None, "queued tokens before requests get 429 (default 262144)"),
     ("max-client-batch", int, None, "inputs per request (default 1024)"),

@@ -73,8 +73,14 @@ class ServiceError(Exception):
 RETRY_AFTER_SECONDS = 1
 
 
+def openai_shaped(path: str) -> bool:
+    """The OpenAI-style routes (/v1/embeddings, Cohere's /v1/rerank and /v2/rerank): errors in OpenAI's
+    shape, and the model named in the body."""
+    return path.startswith(("/v1/", "/v2/"))
+
+
 def error_body(error: ServiceError, path: str) -> dict[str, object]:
-    if path.startswith("/v1/"):
+    if openai_shaped(path):
         return {
             "error": {
                 "message": error.message,

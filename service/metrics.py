@@ -33,6 +33,7 @@ INFERENCE_ROUTES = (
     "/rerank",
     "/v1/embeddings",
     "/v1/rerank",
+    "/v2/rerank",
 )
 # The routes that are also served for each model under /models/{name} (service/middleware.py).
 MODEL_ROUTES = (*INFERENCE_ROUTES, "/tokenize", "/decode", "/info")

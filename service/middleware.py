@@ -21,8 +21,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from service.errors import ErrorType, ServiceError, error_response_parts
-from service.metrics import MODEL_ROUTES, Metrics
+from service.errors import ErrorType, ServiceError, error_response_parts, openai_shaped
+from service.metrics import INFERENCE_ROUTES, MODEL_ROUTES, Metrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -31,7 +31,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Routes that queue work: refused with 429 before their body is read while the queue is full.
-INFERENCE_PATHS = frozenset({"/embed", "/classify", "/v1/embeddings"})
+INFERENCE_PATHS = frozenset(INFERENCE_ROUTES)
 
 MODEL_PREFIX = "/models/"
 # Scope keys: the model named by the path prefix (None without one), and the model that answered.
@@ -99,7 +99,7 @@ class ServiceMiddleware:
             if error is None and path in INFERENCE_PATHS:
                 # Under a flood most requests arrive while the queue is full: answering them before
                 # reading and parsing their body keeps a 429 cheap (the pipeline admits the others).
-                full = self.saturated(requested, path.startswith("/v1/"))
+                full = self.saturated(requested, openai_shaped(path))
                 if full is not None:
                     scope[SERVED_MODEL] = full
                     error = ServiceError(ErrorType.OVERLOADED, "the queue is full, retry later")

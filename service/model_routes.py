@@ -7,7 +7,8 @@ from fastapi.responses import Response
 
 from service.errors import ErrorType, ServiceError
 from service.registry import ServedVersion
-from service.routes import OPENAI_ERRORS, TEI_ERRORS, State, json_response
+from service.responses import json_response
+from service.routes import OPENAI_ERRORS, TEI_ERRORS, State
 from service.schemas import OpenAIModel, OpenAIModelList, ReloadResponse, ReloadResult
 
 router = APIRouter()
@@ -25,13 +26,13 @@ async def list_models(state: State) -> Response:
     """Every served model, the default one first, in OpenAI's shape; `id` is what `model` takes."""
     state.ready_model()
     models = [openai_model(served) for served in state.registry.versions()]
-    return json_response(OpenAIModelList(data=models).model_dump())
+    return await json_response(OpenAIModelList(data=models).model_dump())
 
 
 @router.get("/v1/models/{model}", response_model=OpenAIModel, responses=OPENAI_ERRORS)
 async def retrieve_model(model: str, state: State) -> Response:
     """One served model; 404 (`model_not_found`) for a name that is not served."""
-    return json_response(openai_model(state.ready_model(model)).model_dump())
+    return await json_response(openai_model(state.ready_model(model)).model_dump())
 
 
 @router.post("/admin/reload", response_model=ReloadResponse, responses=TEI_ERRORS)
@@ -53,4 +54,4 @@ async def reload_models(state: State) -> Response:
         )
         for outcome in outcomes
     ]
-    return json_response(ReloadResponse(models=results).model_dump())
+    return await json_response(ReloadResponse(models=results).model_dump())

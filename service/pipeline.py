@@ -259,19 +259,12 @@ async def encode(
                 )
             token_count = sum(len(ids) for ids in tokenized.token_ids)
             queued = batcher.submit(tokenized.token_ids, deadline, reservation)
-        inference = asyncio.ensure_future(batcher.wait(queued))
+        # A client that goes away has its items that have not run dropped (CLIENT_DISCONNECTED).
         disconnect = asyncio.ensure_future(wait_for_disconnect(request))
         try:
-            await asyncio.wait((inference, disconnect), return_when=asyncio.FIRST_COMPLETED)
+            result = await batcher.wait(queued, disconnect)  # raises the request's ServiceError (504, 500)
         finally:
-            client_gone = not inference.done()
-            # Whichever is still pending goes: a cancelled request has its queued items dropped.
-            inference.cancel()
-            queued.future.cancel()
             disconnect.cancel()
-        if client_gone:
-            raise ServiceError(ErrorType.CLIENT_DISCONNECTED, "the client closed the connection")
-        result = inference.result()  # raises the request's ServiceError (504, 500)
         # Counted once served, so that rejected requests (e.g. 429s under overload) do not inflate them.
         metrics.input_tokens.inc(token_count)
         metrics.truncated_inputs.inc(sum(tokenized.truncated))

@@ -330,6 +330,21 @@ class CohereRerankRequest(BaseModel):
         return [_document_text(document) for document in self.documents]
 
 
+class CohereV2RerankRequest(BaseModel):
+    """Cohere's v2 rerank (what `cohere.ClientV2`'s rerank posts): documents are texts. Each pair is cut
+    to the model's max_seq_len from the document's side, which already bounds a document below
+    Cohere's max_tokens_per_doc default; a smaller max_tokens_per_doc and priority are accepted and have
+    no further effect."""
+
+    model_config = STRICT
+    query: NonEmptyText
+    documents: Passages
+    model: Text | None = None  # echoed in the answer, so it must be renderable
+    top_n: int | None = Field(None, gt=0, description="return only the n most relevant documents")
+    max_tokens_per_doc: int | None = Field(None, gt=0)
+    priority: int | None = Field(None, ge=0)
+
+
 class TokenizeRequest(BaseModel):
     model_config = STRICT
     # An empty text is fine here: it is the special tokens alone.
@@ -418,6 +433,18 @@ class CohereRerankResponse(BaseModel):
     usage: CohereRerankUsage  # Jina's
 
 
+class CohereV2RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+
+
+class CohereV2RerankResponse(BaseModel):
+    id: str
+    results: list[CohereV2RerankResult]
+    model: str
+    meta: dict[str, Any]  # Cohere's api_version and billed_units
+
+
 class SimpleToken(BaseModel):
     id: int
     text: str  # the input's bytes start..stop, or the special token itself
@@ -482,6 +509,7 @@ class BatchingInfo(BaseModel):
     max_batch_size: int
     max_wait_ms: float
     max_padding: float
+    concurrent_batches: int
     max_queue_items: int
     max_client_batch: int
     max_input_chars: int

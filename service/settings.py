@@ -2,6 +2,7 @@
 flag of `encoder serve` (service/cli.py holds the flags and their help texts; a test keeps the two in
 step)."""
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,8 @@ class BatchLimits(BaseModel):
     # Largest share of a batch's padded tokens that may be padding. On a CPU a padded token costs as
     # much as a real one and a batch saves little, so items join only batches of similar length.
     max_padding: float = Field(1.0, gt=0, le=1)
+    # Batches in ONNX Runtime at once, each on its own thread with intra_op_threads threads.
+    concurrent_batches: int = Field(1, gt=0)
 
     @property
     def budget(self) -> tuple[int, int, float]:
@@ -81,6 +84,8 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(None, gt=0)
     max_wait_ms: float | None = Field(None, ge=0)
     max_padding: float | None = Field(None, gt=0, le=1)
+    # None: on a CPU, as many as the intra-op threads fit in the CPUs (at least 1); 1 on a GPU.
+    concurrent_batches: int | None = Field(None, gt=0)
     # A few seconds of work for the default model on 2 CPU cores (well under the deadline): beyond that a
     # client is better served by a 429 and a retry, possibly on another replica, than by a long wait.
     max_queue_items: int = Field(8192, gt=0)
@@ -126,13 +131,15 @@ class Settings(BaseSettings):
             )
         return self
 
-    def batch_limits(self, provider: str) -> BatchLimits:
+    def batch_limits(self, provider: str, intra_op_threads: int = 1) -> BatchLimits:
         defaults = CUDA_BATCH_LIMITS if provider == "cuda" else CPU_BATCH_LIMITS
+        concurrent = 1 if provider == "cuda" else max(1, len(os.sched_getaffinity(0)) // intra_op_threads)
         return BatchLimits(
             max_batch_tokens=self.max_batch_tokens or defaults.max_batch_tokens,
             max_batch_size=self.max_batch_size or defaults.max_batch_size,
             max_wait_ms=defaults.max_wait_ms if self.max_wait_ms is None else self.max_wait_ms,
             max_padding=self.max_padding or defaults.max_padding,
+            concurrent_batches=self.concurrent_batches or concurrent,
         )
 
 

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.pipeline import check_batch_size, check_inputs, check_token_ids, resolve_prompt
-from service.routes import TEI_ERRORS, State, json_response, route_model
+from service.responses import json_response
+from service.routes import TEI_ERRORS, State, route_model
 from service.schemas import DecodeRequest, DecodeResponse, TokenizeRequest, TokenizeResponse
 
 router = APIRouter()
@@ -25,7 +26,7 @@ async def tokenize(body: TokenizeRequest, request: Request, state: State) -> Res
     check_inputs(list(texts), truncate=False, state=state, model=model)
     prompted = [prompt + text if prompt else text for text in texts]
     tokens = await asyncio.to_thread(model.tokenizer.tokens, prompted, body.add_special_tokens)
-    return json_response(tokens)
+    return await json_response(tokens)
 
 
 @router.post("/decode", response_model=DecodeResponse, responses=TEI_ERRORS)
@@ -36,4 +37,4 @@ async def decode(body: DecodeRequest, request: Request, state: State) -> Respons
     check_batch_size(len(batch), state)
     check_token_ids(batch, model)
     texts = await asyncio.to_thread(model.tokenizer.decode, batch, body.skip_special_tokens)
-    return json_response(texts)
+    return await json_response(texts)

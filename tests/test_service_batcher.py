@@ -35,8 +35,12 @@ class FakeRuntime:
         self.running = threading.Event()
         self.fail_marker = fail_marker
         self.drop_a_row = drop_a_row
+        self.runs_started = 0
+        self.lock = threading.Lock()
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> ModelOutputs:
+        with self.lock:
+            self.runs_started += 1
         self.running.set()
         assert self.gate.wait(10), "test never opened the gate"
         self.batches.append(input_ids[:, 0].tolist())
@@ -49,9 +53,17 @@ class FakeRuntime:
         return ModelOutputs(embeddings=embeddings, logits=None)
 
 
-def limits(max_batch_tokens: int = 1000, max_batch_size: int = 8, max_wait_ms: float = 0.0) -> BatchLimits:
+def limits(
+    max_batch_tokens: int = 1000,
+    max_batch_size: int = 8,
+    max_wait_ms: float = 0.0,
+    concurrent_batches: int = 1,
+) -> BatchLimits:
     return BatchLimits(
-        max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        concurrent_batches=concurrent_batches,
     )
 
 
@@ -447,5 +459,46 @@ def test_an_empty_queue_takes_a_request_larger_than_its_token_bound() -> None:
         async with started(FakeRuntime(), limits(), max_queue_tokens=10) as batcher:
             result = await batcher.infer([item_ids(61, 8)] * 3, deadline())  # 24 tokens
         assert markers(result) == [61] * 3
+
+    run(scenario)
+
+
+def test_with_two_run_slots_a_second_batch_runs_while_the_first_is_in_the_runtime() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(concurrent_batches=2)) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            second = asyncio.create_task(batcher.infer([item_ids(51, 4)], deadline()))
+            async with asyncio.timeout(10):  # the gate is still closed: both runs are in at once
+                while runtime.runs_started < 2:
+                    await asyncio.sleep(0.001)
+            third = asyncio.create_task(batcher.infer([item_ids(52, 4)], deadline()))
+            await let_tasks_run()
+            assert runtime.runs_started == 2 and batcher.queued_items == 1  # no third slot
+            runtime.gate.set()
+            assert markers(await second) == [51] and markers(await third) == [52]
+            await first
+        assert sorted(runtime.batches) == [[51], [52], [99]]
+
+    run(scenario)
+
+
+def test_an_abandoned_request_is_answered_499_and_its_items_never_run() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits()) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            client_gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            queued = batcher.submit([item_ids(61, 4), item_ids(62, 4)], deadline())
+            waiting = asyncio.create_task(batcher.wait(queued, client_gone))
+            await let_tasks_run()
+            client_gone.set_result(None)
+            with pytest.raises(ServiceError) as raised:
+                await waiting
+            assert raised.value.error_type is ErrorType.CLIENT_DISCONNECTED
+            assert batcher.queued_items == 0
+            runtime.gate.set()
+            await first
+        assert all(61 not in batch and 62 not in batch for batch in runtime.batches)
 
     run(scenario)

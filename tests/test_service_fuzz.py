@@ -42,8 +42,13 @@ ROUTE_FIELDS = {
     "/v1/embeddings": ["input", "model", "encoding_format", "dimensions", "user"],
     "/rerank": ["query", "texts", "raw_scores", "return_text", "truncate", "truncation_direction"],
     "/v1/rerank": ["query", "documents", "model", "top_n", "return_documents", "max_chunks_per_doc"],
+    "/v2/rerank": ["query", "documents", "model", "top_n", "max_tokens_per_doc", "priority"],
 }
-RERANK_ROUTES = ("/rerank", "/v1/rerank")  # served by the tiny reranker; the classifier refuses them
+RERANK_ROUTES = (
+    "/rerank",
+    "/v1/rerank",
+    "/v2/rerank",
+)  # served by the tiny reranker; the classifier refuses them
 requests = st.sampled_from(sorted(ROUTE_FIELDS)).flatmap(
     lambda route: st.tuples(
         st.just(route),
@@ -65,7 +70,7 @@ def rerank_client(tiny_rerank_bundle: Path) -> Iterator[TestClient]:
 
 
 def assert_documented_error(route: str, body: object) -> None:
-    if route.startswith("/v1/"):
+    if route.startswith(("/v1/", "/v2/")):
         assert isinstance(body, dict) and set(body) == {"error"}
         assert set(body["error"]) == {"message", "type", "param", "code"}
         assert isinstance(body["error"]["message"], str) and body["error"]["message"]

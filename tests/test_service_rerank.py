@@ -3,6 +3,7 @@ against a real uvicorn serving the tiny reranker bundle from the project's own e
 raw ONNX Runtime's on the pairs the tokenizer's template makes, in score order; the passage is cut,
 never the query; the limits answer in the documented shapes."""
 
+import asyncio
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,9 @@ def base_url(tiny_rerank_bundle: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def limited_url(tiny_rerank_bundle: Path) -> Iterator[str]:
-    with running_service(tiny_rerank_bundle, max_client_batch=4, max_payload_bytes=2048) as url:
+    with running_service(
+        tiny_rerank_bundle, max_client_batch=4, max_queue_items=4, max_payload_bytes=2048
+    ) as url:
         yield url
 
 
@@ -169,3 +172,48 @@ def test_cohere_client_reranks_unchanged(base_url: str) -> None:
     plain = client.rerank(model="tiny", query=QUERY, documents=documents)
     assert [result.index for result in plain.results] == sorted(tei, key=lambda index: -tei[index])
     assert all(result.document is None for result in plain.results)
+
+
+def test_cohere_v2_client_reranks_unchanged(base_url: str) -> None:
+    tei = {
+        result["index"]: result["score"]
+        for result in post(f"{base_url}/rerank", {"query": QUERY, "texts": TEXTS}).json()
+    }
+    client = cohere.ClientV2(api_key="unused", base_url=base_url, httpx_client=httpx.Client(trust_env=False))
+    response = client.rerank(model="tiny", query=QUERY, documents=TEXTS, top_n=2, max_tokens_per_doc=512)
+    assert [result.index for result in response.results] == sorted(tei, key=lambda index: -tei[index])[:2]
+    for result in response.results:
+        assert result.relevance_score == pytest.approx(tei[result.index], abs=1e-6)
+    unknown = post(f"{base_url}/v2/rerank", {"model": "nope", "query": QUERY, "documents": TEXTS})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    objects = post(f"{base_url}/v2/rerank", {"query": QUERY, "documents": [{"text": TEXTS[0]}]})
+    assert objects.status_code == 422 and objects.json()["error"]["param"] == "documents"
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "shape"),
+    [
+        ("/rerank", {"query": QUERY, "texts": TEXTS[:4]}, "tei"),
+        ("/v1/rerank", {"query": QUERY, "documents": TEXTS[:4]}, "openai"),
+        ("/v2/rerank", {"query": QUERY, "documents": TEXTS[:4]}, "openai"),
+    ],
+)
+def test_a_full_queue_answers_429_in_the_routes_shape(
+    limited_url: str, route: str, body: dict[str, object], shape: str
+) -> None:
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            timeout=30, limits=httpx.Limits(max_connections=48), trust_env=False
+        ) as client:
+            return await asyncio.gather(*(client.post(limited_url + route, json=body) for _ in range(48)))
+
+    responses = asyncio.run(burst())
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
+    overloaded = next(response for response in responses if response.status_code == 429)
+    assert overloaded.headers["retry-after"].isdigit()
+    if shape == "tei":
+        assert overloaded.json()["error_type"] == "Overloaded"
+    else:
+        assert overloaded.json()["error"]["type"] == "rate_limit_error", overloaded.text
+    assert post(limited_url + route, body).status_code == 200

@@ -4,6 +4,7 @@ and in-process (TestClient) checks of failures that a real bundle cannot produce
 import argparse
 import asyncio
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -24,6 +26,7 @@ from service.cli import SERVE_FLAGS, add_serve_arguments, settings_overrides
 from service.errors import ErrorType, reject_reason
 from service.http_protocol import WholeResponseTransport
 from service.middleware import OPEN_PATHS
+from service.responses import render_json
 from service.settings import CPU_BATCH_LIMITS, CUDA_BATCH_LIMITS, Settings, SettingsError, settings_from
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,9 +61,13 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_batch_defaults_depend_on_the_provider() -> None:
     settings = Settings()
-    assert settings.batch_limits("cpu") == CPU_BATCH_LIMITS
-    assert settings.batch_limits("cuda") == CUDA_BATCH_LIMITS
+    cpus = len(os.sched_getaffinity(0))
+    # On a CPU as many batches run at once as sessions of intra_op_threads fit in the CPUs.
+    assert settings.batch_limits("cpu", 1) == CPU_BATCH_LIMITS.model_copy(update={"concurrent_batches": cpus})
+    assert settings.batch_limits("cpu", cpus + 1).concurrent_batches == 1
+    assert settings.batch_limits("cuda", 1) == CUDA_BATCH_LIMITS
     assert Settings(max_batch_size=1).batch_limits("cuda").max_batch_size == 1
+    assert Settings(concurrent_batches=3).batch_limits("cpu", 1).concurrent_batches == 3
 
 
 def test_auto_variant_is_the_manifests_preferred_one(tiny_bundle: Path) -> None:
@@ -262,3 +269,22 @@ def test_a_response_closed_before_its_body_sends_nothing() -> None:
     """A proxy can retry a response that never began, not one whose head it has already passed on."""
     sent = response_writes("POST", [START, {"type": "close"}])
     assert sent.writes == [] and sent.closed
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        np.arange(100 * 3, dtype=np.float32).reshape(100, 3) / 7,  # a long matrix: rendered in slices
+        {
+            "object": "list",
+            "data": [{"index": i, "embedding": np.full(2, i / 3, np.float32)} for i in range(70)],
+        },
+        [[{"label": "a", "score": 0.5}]] * 33,
+        np.linspace(0, 1, 65, dtype=np.float32),
+        {"short": [1, 2], "empty": [], "nested": {"deep": list(range(40))}},
+        [],
+    ],
+)
+def test_sliced_rendering_is_the_same_json_as_one_orjson_call(content: object) -> None:
+    expected = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    assert asyncio.run(render_json(content)) == expected
