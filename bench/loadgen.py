@@ -13,9 +13,12 @@ import argparse
 import asyncio
 import json
 import random
+import subprocess
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 WORDS = [
@@ -161,6 +164,57 @@ async def run_load(
         p99_ms_by_status={
             status: round(percentile(sorted(values), 0.99) * 1000, 2) for status, values in by_status.items()
         },
+    )
+
+
+WRK_SCRIPT = Path(__file__).with_name("wrk_bodies.lua")
+
+
+def run_wrk(
+    url: str, concurrency: int, texts_per_request: int, duration_s: float, route: str = "/embed"
+) -> LoadResult:
+    """The same load through wrk (C, one thread), when it is installed: on a small machine the client
+    shares the CPU with the server, and wrk costs it far less per request than this asyncio client."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".jsonl") as bodies:
+        bodies.write(b"\n".join(request_bodies(route, texts_per_request)) + b"\n")
+        bodies.flush()
+        finished = subprocess.run(
+            [
+                "wrk",
+                "-t",
+                "1",
+                "-c",
+                str(concurrency),
+                "-d",
+                f"{max(1, round(duration_s))}s",
+                "--timeout",
+                "60s",
+                "-s",
+                str(WRK_SCRIPT),
+                url + route,
+                "--",
+                bodies.name,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    seconds, requests = result["duration_s"], result["requests"]
+    errors = result["non_2xx"] + result["socket_errors"]
+    return LoadResult(
+        concurrency=concurrency,
+        texts_per_request=texts_per_request,
+        requests=requests,
+        ok=requests - errors,
+        errors={"non-2xx or socket": errors} if errors else {},
+        seconds=round(seconds, 3),
+        requests_per_s=round((requests - errors) / seconds, 1),
+        texts_per_s=round((requests - errors) * texts_per_request / seconds, 1),
+        p50_ms=round(result["p50_ms"], 2),
+        p90_ms=round(result["p90_ms"], 2),
+        p99_ms=round(result["p99_ms"], 2),
+        p99_ms_by_status={},
     )
 
 

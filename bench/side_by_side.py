@@ -20,13 +20,14 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import httpx
-from loadgen import LoadResult, make_texts, run_load
+from loadgen import LoadResult, make_texts, run_load, run_wrk
 
 from bundle.contract import pad_to_longest
 from bundle.runtime import default_intra_op_threads
@@ -104,15 +105,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measure(
-    service: ServiceProcess, concurrency: int, texts_per_request: int, duration_s: float
+    service: ServiceProcess, concurrency: int, texts_per_request: int, duration_s: float, client: str
 ) -> dict[str, object]:
     base_url = service.base_url
     asyncio.run(run_load(base_url, concurrency, texts_per_request, duration_s=min(1.0, duration_s)))  # warm
     items_before, batches_before = mean_batch_size(base_url)
     cpu_before, wall_before = cpu_seconds(service.process.pid), time.perf_counter()
-    result: LoadResult = asyncio.run(
-        run_load(base_url, concurrency, texts_per_request, duration_s=duration_s)
-    )
+    if client == "wrk":
+        result: LoadResult = run_wrk(base_url, concurrency, texts_per_request, duration_s)
+    else:
+        result = asyncio.run(run_load(base_url, concurrency, texts_per_request, duration_s=duration_s))
     cores = (cpu_seconds(service.process.pid) - cpu_before) / (time.perf_counter() - wall_before)
     items_after, batches_after = mean_batch_size(base_url)
     batches = batches_after - batches_before
@@ -129,6 +131,12 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="seconds per batch size")
+    parser.add_argument(
+        "--client",
+        choices=["wrk", "python"],
+        default="wrk" if shutil.which("wrk") else "python",
+        help="load generator: wrk (Debian's, far less CPU per request) or loadgen.py's asyncio client",
+    )
     args = parser.parse_args()
     concurrencies = [int(value) for value in args.concurrency.split(",")]
     shapes = [int(value) for value in args.texts_per_request.split(",")]
@@ -163,7 +171,7 @@ def main() -> None:
                     )
                 for name, service in services.items():
                     results[name][str(shape)][concurrency] = measure(
-                        service, concurrency, shape, args.duration
+                        service, concurrency, shape, args.duration, args.client
                     )
     finally:
         for service in services.values():
@@ -171,7 +179,7 @@ def main() -> None:
 
     print(
         f"\nbundle {args.bundle} ({model.manifest.name}, {model.variant} on {model.runtime.provider}), "
-        f"{args.duration:.0f} s per point\n"
+        f"{args.duration:.0f} s per point, load from {args.client}\n"
     )
     print(
         f"ceiling: raw ONNX Runtime in-process, length-sorted batches of {best_size}, {best_threads} "

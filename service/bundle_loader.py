@@ -59,10 +59,13 @@ def intra_op_threads_per_model(settings: Settings, model_count: int) -> int:
     return max(1, default_intra_op_threads() // model_count)
 
 
-def load_model(settings: Settings, bundle_dir: Path, intra_op_threads: int) -> LoadedModel:
+def load_model(
+    settings: Settings, bundle_dir: Path, intra_op_threads: int, model_count: int = 1
+) -> LoadedModel:
     """Verify, load and warm up the bundle. Raises BundleError (one line naming the file at fault) for
     anything that must stop start-up or refuse a reload, including a graph that does not run and a
-    process grown past settings.memory_budget_mb."""
+    process grown past settings.memory_budget_mb. `model_count` models share the CPUs: the default
+    concurrent_batches gives each model its part of them."""
     variant, provider = settings.variant, settings.provider
     resident_before = resident_memory_bytes()
     manifest = verify_bundle(bundle_dir)
@@ -80,7 +83,7 @@ def load_model(settings: Settings, bundle_dir: Path, intra_op_threads: int) -> L
             f"{model_file}: the manifest declares a classifier but the graph has no {LOGITS_OUTPUT!r} output"
         )
     tokenizer = TextTokenizer(bundle_dir / TOKENIZER_FILE, manifest.max_seq_len)
-    limits = settings.batch_limits(runtime.provider, runtime.intra_op_threads)
+    limits = settings.batch_limits(runtime.provider, runtime.intra_op_threads * model_count)
     try:
         runtime.warm_up(limits.max_batch_size, manifest.max_seq_len, tokenizer.pad_id)
     except Exception as exc:  # ONNX Runtime's errors are untyped; any failure here is the graph's

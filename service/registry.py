@@ -78,7 +78,7 @@ def load_models(settings: Settings) -> dict[str, LoadedModel]:
     threads = intra_op_threads_per_model(settings, len(specs))
     models: dict[str, LoadedModel] = {}
     for spec in specs:
-        model = load_model(settings, spec.directory, threads)
+        model = load_model(settings, spec.directory, threads, len(specs))
         models[spec.name or model.manifest.name] = model
     return models
 
@@ -191,7 +191,7 @@ class ModelRegistry:
     def _load_if_changed(self, directory: Path, threads: int, current: LoadedModel) -> LoadedModel | None:
         if file_sha256(directory / MANIFEST_FILE) == current.manifest_sha256:
             return None  # manifest.json pins every file's checksum: the same manifest is the same model
-        return load_model(self._settings, directory, threads)
+        return load_model(self._settings, directory, threads, len(self._directories))
 
     def _count(self, outcome: ReloadOutcome) -> ReloadOutcome:
         self._metrics.reloads.labels(model=outcome.model, outcome=outcome.outcome).inc()

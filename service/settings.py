@@ -131,9 +131,13 @@ class Settings(BaseSettings):
             )
         return self
 
-    def batch_limits(self, provider: str, intra_op_threads: int = 1) -> BatchLimits:
+    def batch_limits(self, provider: str, threads: int = 1) -> BatchLimits:
+        """The batching limits for `provider`; by default, on a CPU, as many batches run at once as
+        sessions of `threads` threads (the intra-op threads of every model served) fit in the CPUs:
+        measured, two one-thread batches at once on 2 cores serve 1.4-1.7x the texts/s of one batch
+        with one or two threads (BENCHMARKS.md, "One text per request")."""
         defaults = CUDA_BATCH_LIMITS if provider == "cuda" else CPU_BATCH_LIMITS
-        concurrent = 1 if provider == "cuda" else max(1, len(os.sched_getaffinity(0)) // intra_op_threads)
+        concurrent = 1 if provider == "cuda" else max(1, len(os.sched_getaffinity(0)) // threads)
         return BatchLimits(
             max_batch_tokens=self.max_batch_tokens or defaults.max_batch_tokens,
             max_batch_size=self.max_batch_size or defaults.max_batch_size,
