@@ -11,7 +11,7 @@ TORCH_CPU := torch==2.13.0
 # Every other package comes from the lock files (exact versions and hashes; `make lock` refreshes
 # them): requirements/dev.txt for this venv, cpu.txt and gpu.txt for the images (Dockerfile).
 LOCK_DEV := requirements/dev.txt
-APT_PACKAGES := wordnet-base prometheus nginx docker-compose
+APT_PACKAGES := wordnet-base prometheus nginx docker-compose wrk
 # The container tests: podman with runc (crun fails on these machines), catatonit for `init: true`,
 # netavark and aardvark-dns for compose networks, debootstrap for stand-in base images. Installed
 # without recommends, which would bring crun, buildah and fuse-overlayfs.
@@ -52,7 +52,7 @@ system-deps:
 		echo "installing Debian packages:$$base$$containers"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		export DEBIAN_FRONTEND=noninteractive; \
-		$$SUDO apt-get update -qq \
+		$$SUDO apt-get -o Acquire::Languages=en update -qq \
 		&& { [ -z "$$base" ] || $$SUDO apt-get install -y -qq $$base; } \
 		&& { [ -z "$$containers" ] || $$SUDO apt-get install -y -qq --no-install-recommends $$containers; }; \
 	fi
@@ -117,7 +117,7 @@ serve: $(BIN)/encoder
 	$(BIN)/encoder serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
 
 # Service vs. raw ONNX Runtime, and batching on vs. off, side by side (BENCHMARKS.md). About 3 minutes.
-bench: $(BIN)/encoder
+bench: $(BIN)/encoder system-deps
 	@test -f $(BUNDLE)/manifest.json || $(MAKE) model
 	$(BIN)/python bench/side_by_side.py --bundle $(BUNDLE)
 
