@@ -134,8 +134,8 @@ def register(subparsers: Any) -> None:
     classify.add_argument(
         "--head-epochs",
         type=float,
-        default=10.0,
-        help="then fit the heads on the frozen encoder's features of every training row (0: skip)",
+        help="then fit the heads on the frozen encoder's features of every training row (0: skip; "
+        "default 10, and at least 3,000 steps of 256 rows)",
     )
     classify.add_argument(
         "--lexical-buckets",
