@@ -131,7 +131,7 @@ class Settings(BaseSettings):
             )
         return self
 
-    def batch_limits(self, provider: str, threads: int = 1) -> BatchLimits:
+    def batch_limits(self, provider: str, threads: int) -> BatchLimits:
         """The batching limits for `provider`; by default, on a CPU, as many batches run at once as
         sessions of `threads` threads (the intra-op threads of every model served) fit in the CPUs:
         measured, two one-thread batches at once on 2 cores serve 1.4-1.7x the texts/s of one batch

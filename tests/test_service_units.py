@@ -66,7 +66,7 @@ def test_batch_defaults_depend_on_the_provider() -> None:
     assert settings.batch_limits("cpu", 1) == CPU_BATCH_LIMITS.model_copy(update={"concurrent_batches": cpus})
     assert settings.batch_limits("cpu", cpus + 1).concurrent_batches == 1
     assert settings.batch_limits("cuda", 1) == CUDA_BATCH_LIMITS
-    assert Settings(max_batch_size=1).batch_limits("cuda").max_batch_size == 1
+    assert Settings(max_batch_size=1).batch_limits("cuda", 1).max_batch_size == 1
     assert Settings(concurrent_batches=3).batch_limits("cpu", 1).concurrent_batches == 3
 
 
