@@ -191,6 +191,27 @@ def register(subparsers: Any) -> None:
         help="weight of the lexical channel's cosine against the encoder's (default: the best of a grid "
         "on held-out training pairs)",
     )
+    embed.add_argument(
+        "--teacher",
+        type=Path,
+        help="distil from this bundle (any, e.g. from `encoder import-hf`): its query x document "
+        "similarities in each batch become soft targets next to the pairs' own labels",
+    )
+    embed.add_argument(
+        "--teacher-weight",
+        type=float,
+        default=0.5,
+        help="share of the teacher's soft targets in the loss (default 0.5; the rest is InfoNCE)",
+    )
+    embed.add_argument(
+        "--teacher-temperature",
+        type=_positive_float,
+        default=0.05,
+        help="sharpness of the teacher's similarity distribution (default 0.05)",
+    )
+    embed.add_argument(
+        "--cache-dir", type=Path, help="teacher output cache (default $XDG_CACHE_HOME/encoder/teacher)"
+    )
     _add_common_training(embed)
     _add_limit(embed)
     embed.set_defaults(handler=run_finetune_embed)
@@ -453,6 +474,10 @@ def run_finetune_embed(args: argparse.Namespace) -> dict[str, Any]:
         mine_negatives=args.mine_negatives,
         lexical_dim=args.lexical_dim,
         lexical_weight=args.lexical_weight,
+        teacher=args.teacher,
+        teacher_weight=args.teacher_weight,
+        teacher_temperature=args.teacher_temperature,
+        teacher_cache_dir=args.cache_dir,
         **_fine_tune_options(args),
     )
     return finetune_embed(options)

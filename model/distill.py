@@ -19,7 +19,6 @@ then lives in the teacher's space, so an index built with the teacher keeps work
 """
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from model.encoder import Encoder, InferenceModule, mean_pool, optimizer_groups
 from model.errors import ModelError
 from model.evaluate import infer
 from model.run import METRICS_FILE, load_run, save_run
-from model.teacher import Teacher, TeacherOutputs, cache_path, open_cache
+from model.teacher import Teacher, TeacherOutputs, cache_path, default_cache_dir, open_cache
 from model.tokenizer import load_tokenizer
 from model.training import (
     Distributed,
@@ -84,11 +83,6 @@ class DistillOptions:
     lr: float = 5e-4
     limit: int | None = None
     progress: bool = True
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "encoder" / "teacher"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ TrainLoop of model/training.py; they differ only in the loss of a step:
 
 - ClassificationTask: cross-entropy (or per-label BCE) of a linear head on the mean-pooled encoder;
 - ContrastiveTask: InfoNCE of query against document embeddings, with in-batch negatives, optional
-  hard negatives (given in the data or mined with BM25), both directions (symmetric);
+  hard negatives (given in the data or mined with BM25), both directions (symmetric); with a teacher
+  bundle (`--teacher`), mixed with the teacher's in-batch similarities as soft targets (distillation
+  on labelled pairs: the teacher says how close each query is to the batch's other documents too);
 - RerankTask (model/rerank.py): listwise and pointwise cross-entropy of a one-logit head on pair-encoded
   (query, passage) inputs, against hard (given or BM25-mined) and in-batch negatives.
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +38,7 @@ from model.metrics import retrieval_metrics
 from model.negatives import mine_bm25_negatives
 from model.rerank import RerankTask
 from model.run import METRICS_FILE, LoadedRun, load_run, save_run
+from model.teacher import Teacher, default_cache_dir, open_cache
 from model.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from model.training import (
     MetricsLog,
@@ -101,6 +105,12 @@ class EmbedOptions:
     # the encoder's cosine (None: the best of SKETCH_WEIGHTS on held-out training pairs).
     lexical_dim: int = 768
     lexical_weight: float | None = None
+    # Distillation on the pairs: a teacher bundle's query x document similarities in each batch become
+    # soft targets, `teacher_weight` of the loss (the rest is InfoNCE on the pairs' own labels).
+    teacher: Path | None = None
+    teacher_weight: float = 0.5
+    teacher_temperature: float = 0.05
+    teacher_cache_dir: Path | None = None
     dropout: float | None = None  # default 0, or 0.1 for SimCSE where dropout is the augmentation
     seed: int = 0
     device: str = "auto"
@@ -206,6 +216,78 @@ def contrastive_loss(
     return torch.stack(losses).mean()
 
 
+def similarity_distillation_loss(
+    queries: torch.Tensor,
+    documents: torch.Tensor,
+    teacher_queries: torch.Tensor,
+    teacher_documents: torch.Tensor,
+    temperature: float,
+    teacher_temperature: float,
+    symmetric: bool,
+) -> torch.Tensor:
+    """KL(teacher || student) of each query's softmax over the batch's documents (and, symmetric, of
+    each document's over the queries). Unlike the one-hot InfoNCE target, the teacher's distribution
+    says which of the other documents are nearly right, which is what ranking beyond the top one needs.
+    The teacher's vectors are unit length already."""
+    student = F.normalize(queries, dim=1) @ F.normalize(documents, dim=1).T / temperature
+    teacher = teacher_queries @ teacher_documents.T / teacher_temperature
+
+    def kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(
+            F.log_softmax(student_scores, dim=1),
+            F.log_softmax(teacher_scores, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+
+    loss = kl(student, teacher)
+    return (loss + kl(student.T, teacher.T)) / 2 if symmetric else loss
+
+
+@dataclass(frozen=True)
+class PairTeacher:
+    """A teacher's unit vectors for the pairs a fine-tune visits: row r's query and positive are at
+    `position[r]` of `queries` and `documents`."""
+
+    queries: torch.Tensor
+    documents: torch.Tensor
+    position: dict[int, int]
+    weight: float
+    temperature: float
+
+
+def pair_teacher(
+    options: EmbedOptions, pairs: "Pairs", rows: list[int]
+) -> tuple[PairTeacher, dict[str, Any]]:
+    """Run the teacher bundle over the queries and positives of `rows` (through the distillation cache
+    of model/teacher.py, so a second fine-tune on the same pairs reuses it)."""
+    assert options.teacher is not None
+    started = time.perf_counter()
+    teacher = Teacher(options.teacher, threads=torch.get_num_threads())
+    texts = [pairs.queries[row] for row in rows] + [pairs.positives[row] for row in rows]
+    report = teacher.cached_outputs(texts, options.teacher_cache_dir or default_cache_dir(), options.progress)
+    vectors = F.normalize(torch.from_numpy(np.array(open_cache(report.path).embeddings)), dim=1)
+    summary = {
+        "name": teacher.name,
+        "sha256": teacher.sha256,
+        "shared_space": False,
+        "weight": options.teacher_weight,
+        "temperature": options.teacher_temperature,
+        "pairs": len(rows),
+        "computed_texts": report.computed_rows,
+        "pass_seconds": round(time.perf_counter() - started, 1),
+    }
+    position = {row: index for index, row in enumerate(rows)}
+    taught = PairTeacher(
+        vectors[: len(rows)],
+        vectors[len(rows) :],
+        position,
+        options.teacher_weight,
+        options.teacher_temperature,
+    )
+    return taught, summary
+
+
 LENGTH_CHUNK = 16
 
 
@@ -243,10 +325,11 @@ class ContrastiveTask:
         seed: int,
         symmetric: bool,
         dims: list[int] | None = None,
+        teacher: PairTeacher | None = None,
     ) -> None:
         self.pairs, self.encoder, self.device = pairs, encoder, device
         self.batch_size, self.temperature, self.seed = batch_size, temperature, seed
-        self.symmetric, self.dims = symmetric, dims or []
+        self.symmetric, self.dims, self.teacher = symmetric, dims or [], teacher
         self.queries = TokenizedTexts.encode(tokenizer, pairs.queries)
         self.positives = self.queries if pairs.simcse else TokenizedTexts.encode(tokenizer, pairs.positives)
         self.negative_rows = [i for i, negative in enumerate(pairs.negatives) if negative is not None]
@@ -270,7 +353,23 @@ class ContrastiveTask:
             documents = torch.cat([documents, negatives])
         queries, query_tokens = self._embed(self.queries, rows)
         loss = contrastive_loss(queries, documents, self.temperature, self.dims, self.symmetric)
-        return StepResult(loss, query_tokens + document_tokens + negative_tokens)
+        tokens = query_tokens + document_tokens + negative_tokens
+        if self.teacher is None:
+            return StepResult(loss, tokens)
+        taught = [self.teacher.position[row] for row in rows]
+        soft = similarity_distillation_loss(
+            queries,
+            documents[: len(rows)],
+            self.teacher.queries[taught].to(self.device),
+            self.teacher.documents[taught].to(self.device),
+            self.temperature,
+            self.teacher.temperature,
+            self.symmetric,
+        )
+        mixed = (1 - self.teacher.weight) * loss + self.teacher.weight * soft
+        return StepResult(
+            mixed, tokens, {"contrastive_loss": float(loss.item()), "teacher_loss": float(soft.item())}
+        )
 
 
 def class_weights(targets: torch.Tensor, balance: float) -> torch.Tensor:
@@ -608,13 +707,24 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
         pairs, held_out = pairs.split_validation(options.seed)
     batch_size = options.batch_size or 64
     planned = math.ceil(options.epochs * max(1, len(pairs.queries) // batch_size))
+    if options.teacher is not None and pairs.simcse:
+        raise ModelError("--teacher distils on query/positive pairs; raw text is for `encoder distill`")
+    if not 0 <= options.teacher_weight <= 1:
+        raise ModelError(f"teacher weight must be within 0-1, not {options.teacher_weight}")
     mined = 0
+    # The rows the schedule will visit (all of them when only a wall-clock budget bounds it): what
+    # BM25 mines negatives for and the teacher runs on.
+    steps = planned if options.max_steps is None else min(planned, options.max_steps)
+    rows = len(pairs.queries)
+    visited = sorted(
+        {row for step in range(steps) for row in batch_rows(rows, batch_size, options.seed, step)}
+    )
+    teacher, teacher_summary = None, None
+    if options.teacher is not None:
+        teacher, teacher_summary = pair_teacher(options, pairs, visited)
     if options.mine_negatives and not pairs.simcse:
-        steps = planned if options.max_steps is None else min(planned, options.max_steps)
-        rows = len(pairs.queries)
-        visited = {row for step in range(steps) for row in batch_rows(rows, batch_size, options.seed, step)}
         negatives, mined = mine_bm25_negatives(
-            pairs.queries, pairs.positives, pairs.negatives, options.seed, rows=visited
+            pairs.queries, pairs.positives, pairs.negatives, options.seed, rows=set(visited)
         )
         pairs = Pairs(pairs.queries, pairs.positives, negatives, simcse=False)
     encoder: Encoder = run.build_encoder().to(device)
@@ -631,6 +741,7 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
         options.seed,
         symmetric=options.symmetric and not pairs.simcse,
         dims=dims,
+        teacher=teacher,
     )
     summary = _train(
         "finetune embed", encoder, task.loss, planned, options, options.lr or DEFAULT_EMBED_LR, started
@@ -646,6 +757,8 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
         dropout=dropout,
         matryoshka_dims=dims,
     )
+    if teacher_summary is not None:
+        summary["teacher"] = teacher_summary
     sketch, sketch_weight = None, 0.0
     if options.lexical_dim:
         sketch = build_sketch(pairs, tokenizer, run.config.vocab_size, options.lexical_dim, options.seed)

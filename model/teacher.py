@@ -17,6 +17,7 @@ memory twice).
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,11 @@ class Teacher:
                 _write_progress(path, number + 1)
         bar.close()
         return CacheReport(path=path, computed_rows=len(texts) - reused, reused_rows=reused)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "encoder" / "teacher"
 
 
 def cache_path(cache_root: Path, teacher_sha256: str, variant: str, texts: list[str]) -> Path:

@@ -233,6 +233,65 @@ def test_match_teacher_space_bundle_answers_in_the_teachers_space(
     assert compared["mixed"]["recall@10"] > 0.9 and compared["mixed_vs_teacher_recall@10"] > 0.9
 
 
+def test_finetune_embed_learns_the_teachers_similarities_on_pairs(
+    tiny_bundle_no_classifier: Path, tiny_runs: TinyRuns, tmp_path: Path, capsys: Capture
+) -> None:
+    """`finetune embed --teacher`: pairs whose positives are unrelated to their queries teach InfoNCE
+    nothing about the teacher, so the held-out similarity structure comes from the soft targets alone:
+    it must move towards the teacher's, and InfoNCE alone on the same pairs must not get there."""
+    words = texts(3, 2400)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"query": q, "positive": p}) + "\n"
+            for q, p in zip(words[:1200], words[1200:], strict=True)
+        )
+    )
+    held_out = texts(11, 64)
+    queries, documents = tmp_path / "queries.jsonl", tmp_path / "documents.jsonl"
+    queries.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "text": t, "relevant": ["d0"]}) + "\n" for i, t in enumerate(held_out)
+        )
+    )
+    documents.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(held_out))
+    )
+    init = tmp_path / "init"
+    encoder(
+        f"pretrain --corpus {tiny_runs.corpus} --tokenizer {tiny_runs.tokenizer} --preset tiny "
+        f"--max-steps 0 --seed 5 --threads 2 --no-progress --out {init}",
+        capsys,
+    )
+
+    def correlation(run: Path) -> float:
+        compared = encoder(
+            f"eval retrieval --model {run} --teacher {tiny_bundle_no_classifier} "
+            f"--queries {queries} --corpus {documents}",
+            capsys,
+        )
+        return float(compared["agreement"]["similarity_correlation"])
+
+    cache = tmp_path / "cache"
+    common = (
+        f"--train {pairs} --cache-dir {cache} --teacher {tiny_bundle_no_classifier} --lexical-dim 0 "
+        "--batch-size 32 --max-steps 120 --lr 2e-3 --threads 2 --no-progress --device cpu"
+    )
+    taught = encoder(
+        f"finetune embed --init {init} --out {tmp_path / 'taught'} --teacher-weight 1 {common}", capsys
+    )
+    assert taught["teacher"]["computed_texts"] == 2 * taught["teacher"]["pairs"] > 0
+    before, after = correlation(init), correlation(tmp_path / "taught")
+    assert after > 0.8 and after > before + 0.3, (before, after)
+
+    # The same schedule reuses the cache; InfoNCE alone on these unrelated pairs does not get there.
+    alone = encoder(
+        f"finetune embed --init {init} --out {tmp_path / 'alone'} --teacher-weight 0 {common}", capsys
+    )
+    assert alone["teacher"]["computed_texts"] == 0
+    assert correlation(tmp_path / "alone") < after - 0.3
+
+
 def test_classifier_learns_the_teachers_soft_labels(
     tiny_bundle: Path, tiny_runs: TinyRuns, corpus: Path, tmp_path: Path, capsys: Capture
 ) -> None:
