@@ -1,6 +1,7 @@
 """A trained RUN directory (model/run.py's contract) as an export source."""
 
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -21,8 +22,9 @@ def source_from_run(run_dir: Path, name: str | None = None) -> ExportSource:
     if tokenizer.padding is not None:
         tokenizer.no_padding()
     classifier = ClassifierSpec(labels=run.labels, multi_label=run.multi_label) if run.labels else None
-    # A distilled student's run.json summary names its teacher (model/distill.py).
-    teacher = run.summary.get("teacher")
+    # A distilled student's run.json summary names its teacher (`encoder distill`, or `finetune embed
+    # --teacher` in this RUN or in one it was fine-tuned from: a classifier on a taught encoder).
+    teacher = taught_by(run.summary)
     return ExportSource(
         module=run.inference_module(),
         tokenizer=tokenizer,
@@ -47,3 +49,14 @@ def source_from_run(run_dir: Path, name: str | None = None) -> ExportSource:
         training={"kind": run.kind, **run.summary},
         teacher=TeacherSpec.model_validate(teacher) if teacher else None,
     )
+
+
+def taught_by(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The teacher recorded in a RUN's summary or, failing that, in its init's, and so on up."""
+    while summary:
+        teacher = summary.get("teacher")
+        if isinstance(teacher, dict):
+            return teacher
+        parent = summary.get("init")
+        summary = parent if isinstance(parent, dict) else {}
+    return None

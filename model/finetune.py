@@ -268,14 +268,14 @@ def pair_teacher(
     report = teacher.cached_outputs(texts, options.teacher_cache_dir or default_cache_dir(), options.progress)
     vectors = F.normalize(torch.from_numpy(np.array(open_cache(report.path).embeddings)), dim=1)
     summary = {
-        "name": teacher.name,
-        "sha256": teacher.sha256,
-        "shared_space": False,
-        "weight": options.teacher_weight,
-        "temperature": options.teacher_temperature,
-        "pairs": len(rows),
-        "computed_texts": report.computed_rows,
-        "pass_seconds": round(time.perf_counter() - started, 1),
+        "teacher": {"name": teacher.name, "sha256": teacher.sha256, "shared_space": False},
+        "teacher_pass": {
+            "weight": options.teacher_weight,
+            "temperature": options.teacher_temperature,
+            "pairs": len(rows),
+            "computed_texts": report.computed_rows,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
     }
     position = {row: index for index, row in enumerate(rows)}
     taught = PairTeacher(
@@ -757,8 +757,7 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
         dropout=dropout,
         matryoshka_dims=dims,
     )
-    if teacher_summary is not None:
-        summary["teacher"] = teacher_summary
+    summary.update(teacher_summary or {})
     sketch, sketch_weight = None, 0.0
     if options.lexical_dim:
         sketch = build_sketch(pairs, tokenizer, run.config.vocab_size, options.lexical_dim, options.seed)

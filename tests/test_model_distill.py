@@ -280,15 +280,19 @@ def test_finetune_embed_learns_the_teachers_similarities_on_pairs(
     taught = encoder(
         f"finetune embed --init {init} --out {tmp_path / 'taught'} --teacher-weight 1 {common}", capsys
     )
-    assert taught["teacher"]["computed_texts"] == 2 * taught["teacher"]["pairs"] > 0
+    assert taught["teacher_pass"]["computed_texts"] == 2 * taught["teacher_pass"]["pairs"] > 0
     before, after = correlation(init), correlation(tmp_path / "taught")
     assert after > 0.8 and after > before + 0.3, (before, after)
+    encoder(f"export --model {tmp_path / 'taught'} --out {tmp_path / 'bundle'} --variants fp32", capsys)
+    recorded = load_manifest(tmp_path / "bundle").teacher
+    assert recorded is not None and not recorded.shared_space
+    assert recorded.sha256 == file_sha256(tiny_bundle_no_classifier / MANIFEST_FILE)
 
     # The same schedule reuses the cache; InfoNCE alone on these unrelated pairs does not get there.
     alone = encoder(
         f"finetune embed --init {init} --out {tmp_path / 'alone'} --teacher-weight 0 {common}", capsys
     )
-    assert alone["teacher"]["computed_texts"] == 0
+    assert alone["teacher_pass"]["computed_texts"] == 0
     assert correlation(tmp_path / "alone") < after - 0.3
 
 
