@@ -281,6 +281,10 @@ def _distill(
         config, tokenizer_path, encoder = run.config, run.tokenizer_path, run.build_encoder()
         init_classifier = run.build_classifier() if run.labels == teacher_labels else None
         init_summary: dict[str, Any] = run.summary
+        # In the student's own space the init's lexical channel still counts (the sketch depends on
+        # the tokenizer alone); in the teacher's space the projection is the whole embedding.
+        sketch = None if options.match_teacher_space else run.build_sketch()
+        sketch_weight = run.sketch_weight if sketch is not None else 0.0
     else:
         assert options.tokenizer is not None
         tokenizer_path = options.tokenizer
@@ -290,6 +294,7 @@ def _distill(
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         encoder, init_classifier, init_summary = Encoder(config), None, {"random_init": options.preset}
+        sketch, sketch_weight = None, 0.0
     tokenizer = load_tokenizer(tokenizer_path)
     projection = None
     if options.match_teacher_space or (
@@ -418,5 +423,7 @@ def _distill(
         normalize=normalize,
         summary={**summary, "init": init_summary},
         parent=options.init,
+        sketch=sketch,
+        sketch_weight=sketch_weight,
     )
     return {"run": str(options.out), **summary}
