@@ -84,7 +84,6 @@ DATA ?= wordnet
 # TEACHER=BUNDLE (any bundle, e.g. from `encoder import-hf`) also distils it into the contrastive
 # fine-tune: its in-batch similarities become soft targets (README, "Distilling a bigger model").
 TEACHER ?=
-TEACHER_WEIGHT ?= 0.8
 model: $(BIN)/encoder system-deps
 	$(BIN)/encoder data $(DATA) --out $(MODEL_RUNS)/data
 	$(BIN)/encoder tokenizer train --corpus $(MODEL_RUNS)/data/pretrain.txt --vocab-size 8192 --max-seq-len 128 \
@@ -93,7 +92,7 @@ model: $(BIN)/encoder system-deps
 		--preset mini --max-steps $(PRETRAIN_STEPS) --seed $(SEED) --out $(MODEL_RUNS)/pretrain
 	$(BIN)/encoder finetune embed --init $(MODEL_RUNS)/pretrain --train $(MODEL_RUNS)/data/pairs_train.jsonl \
 		--max-steps $(EMBED_STEPS) --seed $(SEED) --out $(MODEL_RUNS)/embed \
-		$(if $(TEACHER),--teacher $(TEACHER) --teacher-weight $(TEACHER_WEIGHT))
+		$(if $(TEACHER),--teacher $(TEACHER))
 	$(BIN)/encoder finetune classify --init $(MODEL_RUNS)/embed --freeze-encoder --seed $(SEED) \
 		--train $(MODEL_RUNS)/data/classify_train.jsonl --eval $(MODEL_RUNS)/data/classify_test.jsonl \
 		--out $(MODEL_RUNS)/classify

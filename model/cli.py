@@ -200,8 +200,8 @@ def register(subparsers: Any) -> None:
     embed.add_argument(
         "--teacher-weight",
         type=float,
-        default=0.5,
-        help="share of the teacher's soft targets in the loss (default 0.5; the rest is InfoNCE)",
+        default=0.8,
+        help="share of the teacher's soft targets in the loss (default 0.8; the rest is InfoNCE)",
     )
     embed.add_argument(
         "--teacher-temperature",

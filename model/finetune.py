@@ -108,7 +108,7 @@ class EmbedOptions:
     # Distillation on the pairs: a teacher bundle's query x document similarities in each batch become
     # soft targets, `teacher_weight` of the loss (the rest is InfoNCE on the pairs' own labels).
     teacher: Path | None = None
-    teacher_weight: float = 0.5
+    teacher_weight: float = 0.8
     teacher_temperature: float = 0.05
     teacher_cache_dir: Path | None = None
     dropout: float | None = None  # default 0, or 0.1 for SimCSE where dropout is the augmentation
