@@ -271,8 +271,8 @@ def register(subparsers: Any) -> None:
     distill.add_argument(
         "--loss",
         choices=["cosine", "mse", "none"],
-        default="cosine",
-        help="direct embedding loss to the teacher's vectors (default cosine)",
+        help="direct embedding loss to the teacher's vectors (default: cosine with --match-teacher-space, "
+        "else none, the relational term alone)",
     )
     distill.add_argument(
         "--relational-weight",

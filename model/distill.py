@@ -6,7 +6,7 @@ Runtime and its outputs are cached on disk (model/teacher.py). The student (a RU
 too, on the loss of DistillTask:
 
 - embedding, direct: cosine distance or MSE between the student's vector, projected to the teacher's
-  dimension when the two differ, and the teacher's;
+  dimension when the two differ, and the teacher's (by default only with match_teacher_space);
 - embedding, relational: KL divergence between the teacher's and the student's in-batch similarity
   distributions (each row's softmax over its cosine similarities to the other rows), which needs no
   shared space and teaches the neighbourhood structure that retrieval uses;
@@ -20,7 +20,7 @@ then lives in the teacher's space, so an index built with the teacher keeps work
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,7 +64,11 @@ class DistillOptions:
     preset: str = "mini"
     tokenizer: Path | None = None
     match_teacher_space: bool = False  # keep the projection to the teacher's dim in the exported graph
-    direct_loss: DirectLoss = "cosine"
+    # None: cosine with match_teacher_space (the projection is then the served embedding), else none.
+    # In the student's own space the direct term only trains a projection that is thrown away, and on
+    # WordNet it pulled the student to the teacher's mean vector (Recall@10 0.31 -> 0.03 in 600 steps
+    # from the contrastive RUN; the relational term alone: 0.26; BENCHMARKS.md, "Distillation").
+    direct_loss: DirectLoss | None = None
     relational_weight: float = 1.0
     relational_temperature: float = 0.05
     temperature: float = 2.0  # softens the teacher's logits (classification)
@@ -231,6 +235,8 @@ def _check(options: DistillOptions, distributed: Distributed) -> None:
 
 def distill(options: DistillOptions) -> dict[str, Any]:
     started = time.perf_counter()
+    if options.direct_loss is None:
+        options = replace(options, direct_loss="cosine" if options.match_teacher_space else "none")
     threads = set_threads(options.threads)
     distributed = Distributed.from_environment(pick_device(options.device))
     device = distributed.device(pick_device(options.device))

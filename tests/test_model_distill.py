@@ -105,9 +105,10 @@ def test_distillation_brings_the_student_closer_on_held_out_text_and_reuses_the_
     before = first["distill"]["agreement_before"]["similarity_correlation"]
     after = first["teacher"]["agreement"]["similarity_correlation"]
     assert after > 0.8 and after > before + 0.3, (before, after)
-    # The direct term trained a projection to the teacher's 32 dims; without --match-teacher-space the
-    # RUN keeps the student's own 64-dim space.
-    assert first["distill"]["projection"] and "cosine" not in first["teacher"]["agreement"]
+    # Without --match-teacher-space the RUN keeps the student's own 64-dim space, and by default no
+    # projection to the teacher's 32 dims is trained (the relational term alone needs none).
+    assert first["distill"]["direct_loss"] == "none" and not first["distill"]["projection"]
+    assert "cosine" not in first["teacher"]["agreement"]
 
     second = distill(
         capsys, tiny_bundle_no_classifier, corpus, tmp_path / "b", cache, tiny_runs, "--max-steps 1"
