@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.bundle_loader import LoadedModel
+from service.direct_routes import serve_direct, takes_direct_path
 from service.error_handlers import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
@@ -56,5 +57,7 @@ def create_app(settings: Settings, models: dict[str, LoadedModel] | None = None)
         max_payload_bytes=settings.max_payload_bytes,
         body_timeout_s=settings.body_timeout_s,
         saturated=state.saturated,
+        takes_direct_path=takes_direct_path,
+        serve_direct=serve_direct,
     )
     return app

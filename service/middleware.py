@@ -10,7 +10,9 @@ to resolve (`REQUESTED_MODEL`), so TEI clients given the base URL http://host/mo
 unchanged; the route leaves the name of the model that answered (`SERVED_MODEL`) for the metrics.
 
 Pure ASGI (not BaseHTTPMiddleware) because it runs on every request and must not add a task hop, and
-because a body over the limit has to be refused while it streams in, before the app reads it. The body
+because a body over the limit has to be refused while it streams in, before the app reads it. A JSON
+request for an inference route is then answered by the direct path (service/direct_routes.py), past
+FastAPI's layers; every other request goes on to the FastAPI app. The body
 is read here, under body_timeout_s, and replayed to the app: a client that stops sending gets 408
 instead of holding the request open (the headers' deadline is service/http_protocol.py's).
 """
@@ -41,6 +43,10 @@ SERVED_MODEL = "encoder.served_model"
 # Whether `model`'s queue (None: the default model's) is full; the model's name if so. The second
 # argument says the request names its model in its body, which has not been read yet.
 SaturatedCheck = Callable[[str | None, bool], str | None]
+# The inference routes' direct path (service/direct_routes.py): whether a request takes it (from its
+# scope and headers), and the handler that answers it, given the body read here.
+DirectCheck = Callable[[Scope, dict[bytes, bytes]], bool]
+DirectHandler = Callable[[Scope, Receive, Send, bytes], Awaitable[None]]
 
 
 def split_model_path(path: str) -> tuple[str | None, str]:
@@ -68,6 +74,8 @@ class ServiceMiddleware:
         max_payload_bytes: int,
         body_timeout_s: float,
         saturated: SaturatedCheck,
+        takes_direct_path: DirectCheck,
+        serve_direct: DirectHandler,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -75,6 +83,8 @@ class ServiceMiddleware:
         self.max_payload_bytes = max_payload_bytes
         self.body_timeout_s = body_timeout_s
         self.saturated = saturated
+        self.takes_direct_path = takes_direct_path
+        self.serve_direct = serve_direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -103,10 +113,13 @@ class ServiceMiddleware:
                 if full is not None:
                     scope[SERVED_MODEL] = full
                     error = ServiceError(ErrorType.OVERLOADED, "the queue is full, retry later")
+            body = None
             if error is None and has_body(headers):
-                receive, error = await self._read_body(receive)
+                receive, body, error = await self._read_body(receive)
             if error is not None:
                 await self.send_error(error, path, send_and_observe)
+            elif body and self.takes_direct_path(scope, headers):
+                await self.serve_direct(scope, receive, send_and_observe, body)
             else:
                 await self.app(scope, receive, send_and_observe)
         finally:
@@ -130,8 +143,9 @@ class ServiceMiddleware:
             ErrorType.PAYLOAD_TOO_LARGE, f"request body exceeds max_payload_bytes ({self.max_payload_bytes})"
         )
 
-    async def _read_body(self, receive: Receive) -> tuple[Receive, ServiceError | None]:
-        """Read the whole body, up to the size limit and within body_timeout_s, then replay it."""
+    async def _read_body(self, receive: Receive) -> tuple[Receive, bytes, ServiceError | None]:
+        """Read the whole body, up to the size limit and within body_timeout_s; -> a receive that
+        replays it, the body, or the error."""
         chunks: list[bytes] = []
         size = 0
         try:
@@ -139,28 +153,31 @@ class ServiceMiddleware:
                 while True:
                     message = await receive()
                     if message["type"] != "http.request":  # gone before the body was complete
-                        return receive, ServiceError(
-                            ErrorType.CLIENT_DISCONNECTED, "the client closed the connection"
+                        return (
+                            receive,
+                            b"",
+                            ServiceError(ErrorType.CLIENT_DISCONNECTED, "the client closed the connection"),
                         )
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
                     if size > self.max_payload_bytes:  # a chunked body declares no size up front
-                        return receive, self._too_large()
+                        return receive, b"", self._too_large()
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
             message = f"the request body did not arrive within body_timeout_s ({self.body_timeout_s:g} s)"
-            return receive, ServiceError(ErrorType.REQUEST_TIMEOUT, message)
+            return receive, b"", ServiceError(ErrorType.REQUEST_TIMEOUT, message)
+        body = b"".join(chunks)
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return replay, None
+        return replay, body, None
 
     async def send_error(self, error: ServiceError, path: str, send: Send) -> None:
         status, headers, body = error_response_parts(error, path)

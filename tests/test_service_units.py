@@ -23,6 +23,7 @@ from bundle.runtime import ModelOutputs
 from service.app import create_app
 from service.bundle_loader import choose_variant, load_model
 from service.cli import SERVE_FLAGS, add_serve_arguments, settings_overrides
+from service.direct_routes import takes_direct_path
 from service.errors import ErrorType, reject_reason
 from service.http_protocol import WholeResponseTransport
 from service.middleware import OPEN_PATHS
@@ -288,3 +289,22 @@ def test_a_response_closed_before_its_body_sends_nothing() -> None:
 def test_sliced_rendering_is_the_same_json_as_one_orjson_call(content: object) -> None:
     expected = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
     assert asyncio.run(render_json(content)) == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content_type", "direct"),
+    [
+        ("POST", "/embed", b"application/json", True),
+        ("POST", "/classify", b"application/json; charset=utf-8", True),
+        ("POST", "/v1/embeddings", b"application/vnd.api+json", True),
+        ("POST", "/embed", b"text/plain", False),  # FastAPI reads it as bytes and answers its 422
+        ("POST", "/embed", None, False),
+        ("GET", "/embed", b"application/json", False),  # FastAPI answers 405
+        ("POST", "/rerank", b"application/json", False),
+    ],
+)
+def test_only_json_posts_to_the_direct_routes_take_the_direct_path(
+    method: str, path: str, content_type: bytes | None, direct: bool
+) -> None:
+    headers = {} if content_type is None else {b"content-type": content_type}
+    assert takes_direct_path({"method": method, "path": path}, headers) is direct

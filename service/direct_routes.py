@@ -1,0 +1,66 @@
+"""The inference routes' direct path: the service middleware hands a JSON request for one of these
+routes straight to the route's function, past FastAPI's layers.
+
+At one text per request, FastAPI and Starlette between the ASGI server and the route (their
+middlewares, routing, dependency solving, request and response objects) took a third of the event
+loop's time (BENCHMARKS.md, "Concurrency 1, one text"). The path here does what those layers do
+for these routes, with the same functions: the body parsed and validated by `parse_body` (the 422s
+FastAPI gives), the route's own function, the error handlers of service/error_handlers.py. The
+routes stay declared on FastAPI's router too, for the OpenAPI document and for every request this
+path does not take (another method, a body that is not declared JSON).
+"""
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from email.message import Message as MimeMessage
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.error_handlers import on_service_error, on_validation_error
+from service.errors import ServiceError
+from service.routes import classify, embed, openai_embeddings, parse_body
+from service.schemas import ClassifyRequest, EmbedRequest, OpenAIEmbeddingRequest
+from service.state import ServiceState
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Handler = Callable[[Any, Request, ServiceState], Awaitable[Response]]
+
+DIRECT_ROUTES: dict[str, tuple[type[BaseModel], Handler]] = {
+    "/embed": (EmbedRequest, embed),
+    "/classify": (ClassifyRequest, classify),
+    "/v1/embeddings": (OpenAIEmbeddingRequest, openai_embeddings),
+}
+
+
+def takes_direct_path(scope: Scope, headers: dict[bytes, bytes]) -> bool:
+    """A POST to a direct route whose body is declared JSON (FastAPI reads any other body as bytes and
+    answers its own 422, so those go the FastAPI way)."""
+    if scope["method"] != "POST" or scope["path"] not in DIRECT_ROUTES:
+        return False
+    declared = headers.get(b"content-type")
+    if declared is None:
+        return False
+    mime = MimeMessage()
+    mime["content-type"] = declared.decode("latin-1")
+    subtype = mime.get_content_subtype()
+    return mime.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+async def serve_direct(scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+    """Answer the request as its FastAPI route would. An unexpected exception propagates to the
+    server-error middleware around this one, whose handler answers the documented 500."""
+    request = Request(scope, receive)
+    body_model, handler = DIRECT_ROUTES[scope["path"]]
+    state: ServiceState = scope["app"].state.service
+    try:
+        response = await handler(parse_body(body_model, body), request, state)
+    except ServiceError as error:
+        response = await on_service_error(request, error)
+    except RequestValidationError as error:
+        response = await on_validation_error(request, error)
+    await response(scope, receive, send)
