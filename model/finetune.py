@@ -712,17 +712,20 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
     if not 0 <= options.teacher_weight <= 1:
         raise ModelError(f"teacher weight must be within 0-1, not {options.teacher_weight}")
     mined = 0
-    # The rows the schedule will visit (all of them when only a wall-clock budget bounds it): what
-    # BM25 mines negatives for and the teacher runs on.
-    steps = planned if options.max_steps is None else min(planned, options.max_steps)
-    rows = len(pairs.queries)
-    visited = sorted(
-        {row for step in range(steps) for row in batch_rows(rows, batch_size, options.seed, step)}
-    )
+    mine = options.mine_negatives and not pairs.simcse
+    visited: list[int] = []
+    if mine or options.teacher is not None:
+        # The rows the schedule will visit (all of them when only a wall-clock budget bounds it): what
+        # BM25 mines negatives for and the teacher runs on.
+        steps = planned if options.max_steps is None else min(planned, options.max_steps)
+        rows = len(pairs.queries)
+        visited = sorted(
+            {row for step in range(steps) for row in batch_rows(rows, batch_size, options.seed, step)}
+        )
     teacher, teacher_summary = None, None
     if options.teacher is not None:
         teacher, teacher_summary = pair_teacher(options, pairs, visited)
-    if options.mine_negatives and not pairs.simcse:
+    if mine:
         negatives, mined = mine_bm25_negatives(
             pairs.queries, pairs.positives, pairs.negatives, options.seed, rows=set(visited)
         )

@@ -28,6 +28,7 @@ from service.errors import ErrorType, reject_reason
 from service.http_protocol import WholeResponseTransport
 from service.middleware import OPEN_PATHS
 from service.responses import render_json
+from service.routes import service_state
 from service.settings import CPU_BATCH_LIMITS, CUDA_BATCH_LIMITS, Settings, SettingsError, settings_from
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -297,6 +298,7 @@ def test_sliced_rendering_is_the_same_json_as_one_orjson_call(content: object) -
         ("POST", "/embed", b"application/json", True),
         ("POST", "/classify", b"application/json; charset=utf-8", True),
         ("POST", "/v1/embeddings", b"application/vnd.api+json", True),
+        ("POST", "/embed", b"Application/JSON", True),
         ("POST", "/embed", b"text/plain", False),  # FastAPI reads it as bytes and answers its 422
         ("POST", "/embed", None, False),
         ("GET", "/embed", b"application/json", False),  # FastAPI answers 405
@@ -308,3 +310,22 @@ def test_only_json_posts_to_the_direct_routes_take_the_direct_path(
 ) -> None:
     headers = {} if content_type is None else {b"content-type": content_type}
     assert takes_direct_path({"method": method, "path": path}, headers) is direct
+
+
+def test_json_posts_to_embed_are_answered_without_fastapis_route(tiny_bundle: Path) -> None:
+    """With FastAPI's route for /embed made to fail (its `State` dependency overridden), a JSON POST is
+    still answered, in full, errors included (the direct path); a GET still reaches FastAPI's route."""
+
+    def no_state() -> None:
+        raise RuntimeError("FastAPI's route was used")
+
+    app = create_app(Settings(bundle=tiny_bundle))
+    app.dependency_overrides[service_state] = no_state
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answered = client.post("/embed", json={"inputs": ["a cat", "the dog"]})
+        assert answered.status_code == 200 and len(answered.json()) == 2
+        assert answered.headers["x-model-name"] == "tiny"
+        refused = client.post("/embed", json={"inputs": 5})
+        assert refused.status_code == 422 and refused.json()["error_type"] == "Validation"
+        assert client.post("/v1/embeddings", json={"input": "a cat"}).json()["data"][0]["index"] == 0
+        assert client.get("/info").status_code == 500  # the override is in force on FastAPI's routes
