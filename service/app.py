@@ -56,7 +56,7 @@ def create_app(settings: Settings, models: dict[str, LoadedModel] | None = None)
         api_key=settings.api_key,
         max_payload_bytes=settings.max_payload_bytes,
         body_timeout_s=settings.body_timeout_s,
-        saturated=state.saturated,
+        refusing_model=state.refusing_model,
         takes_direct_path=takes_direct_path,
         serve_direct=serve_direct,
     )

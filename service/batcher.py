@@ -2,10 +2,10 @@
 with fair scheduling across requests.
 
 A handler first asks for room (`Batcher.admit`, a 429 decided before any tokenising), tokenises its
-request, then submits its items (one text each) and awaits the result. One asyncio task, the batching
-loop, owns the queue: as soon as a run slot is free (`concurrent_batches`, one on a GPU) it picks the
-next batch and runs it in one `InferenceSession.run` on a thread of its own. While batches run the
-event loop keeps accepting and tokenising requests, which form the next batch.
+request, then submits its items (one text each) and awaits the result. `concurrent_batches` asyncio
+tasks (one on a GPU), the runners, take batches from the queue: each picks the next batch as soon as
+its last one is delivered and runs it in one `InferenceSession.run` on a thread of its own. While
+batches run the event loop keeps accepting and tokenising requests, which form the next batch.
 
 Fairness: queued requests wait in a round-robin line, least recently served first. A batch looks at
 most `max_batch_size / queued requests` items of each request (at least one), always includes the
@@ -104,6 +104,14 @@ class _Item:
         return len(self.token_ids)
 
 
+def _length(item: _Item) -> int:
+    return item.length
+
+
+def overloaded() -> ServiceError:
+    return ServiceError(ErrorType.OVERLOADED, "the queue is full, retry later")
+
+
 def _timeout_error() -> ServiceError:
     return ServiceError(ErrorType.TIMEOUT, "the request deadline passed before its batch ran")
 
@@ -171,8 +179,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(
             max_workers=limits.concurrent_batches, thread_name_prefix="inference"
         )
-        self._task: asyncio.Task[None] | None = None
-        self._runs: set[asyncio.Task[None]] = set()
+        self._runners: list[asyncio.Task[None]] = []
 
     @property
     def queued_items(self) -> int:
@@ -187,36 +194,40 @@ class Batcher:
         return not self._line and not self._running
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batching-loop")
+        loop = asyncio.get_running_loop()
+        self._runners = [
+            loop.create_task(self._runner(), name=f"batch-runner-{number}")
+            for number in range(self.limits.concurrent_batches)
+        ]
 
     async def stop(self) -> None:
-        for task in [self._task, *self._runs]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in self._runners:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for request in list(self._line):
             request.fail(ServiceError(ErrorType.UNHEALTHY, "the service is shutting down"))
             self._drop(request)
         self._executor.shutdown(wait=False)  # a run in progress ends on its own
 
-    @property
-    def saturated(self) -> bool:
-        """Whether the queue is full already, so that no request can be admitted (a 429 needs no body)."""
-        return (
-            self._queued_items + self._reserved_items >= self._max_queue_items
-            or self._queued_tokens + self._reserved_tokens >= self._max_queue_tokens
-        )
+    def refuses(self, items: int, tokens: int | None = None) -> bool:
+        """Whether a request of at least `items` inputs and `tokens` tokens (by default one per input)
+        would be refused now: asked before its body is read (`items` 1) or validated, so that a 429
+        stays cheap."""
+        return self._no_room(items, items if tokens is None else tokens)
 
-    def _check_room(self, items: int, tokens: int) -> None:
+    def _no_room(self, items: int, tokens: int) -> bool:
         # An empty queue takes any one request, so a request larger than max_queue_tokens is slow but
         # never refused forever.
         held_items = self._queued_items + self._reserved_items
         held_tokens = self._queued_tokens + self._reserved_tokens
-        if held_items > 0 and (
+        return held_items > 0 and (
             held_items + items > self._max_queue_items or held_tokens + tokens > self._max_queue_tokens
-        ):
-            raise ServiceError(ErrorType.OVERLOADED, "the queue is full, retry later")
+        )
+
+    def _check_room(self, items: int, tokens: int) -> None:
+        if self._no_room(items, tokens):
+            raise overloaded()
 
     @contextlib.contextmanager
     def admit(self, items: int, tokens: int) -> Iterator[Reservation]:
@@ -262,7 +273,11 @@ class Batcher:
         if not token_ids:  # nothing to run (validation keeps this from happening): answered at once
             request.future.set_result(InferenceResult([], 0.0, 0.0))
             return request
-        request.pending.extend(_Item(request, index, ids) for index, ids in enumerate(token_ids))
+        # A request's items wait shortest first: a batch sees only each request's share of them (16 of a
+        # lone 1,000-text request on a CPU), so in arrival order a big request's batches padded badly and
+        # ran 6 items at a time on average; its answer needs all of them anyway.
+        items = sorted((_Item(request, index, ids) for index, ids in enumerate(token_ids)), key=_length)
+        request.pending.extend(items)
         self._line.append(request)
         self._queued_items += len(token_ids)
         self._queued_tokens += sum(len(ids) for ids in token_ids)
@@ -310,30 +325,22 @@ class Batcher:
         self._metrics.queue_items.set(self._queued_items)
         self._metrics.queue_tokens.set(self._queued_tokens)
 
-    async def _loop(self) -> None:
-        # Up to limits.concurrent_batches batches run at once, each on its own executor thread: the next
-        # batch is picked as soon as a run slot is free, so with two slots one batch's Python work (padding,
-        # delivering results) overlaps another's inference instead of leaving a core idle.
-        slots = asyncio.Semaphore(self.limits.concurrent_batches)
+    async def _runner(self) -> None:
+        # limits.concurrent_batches runners take batches from the one queue, each running its batch on
+        # an executor thread of its own, so with two one batch's Python work (padding, delivering
+        # results) overlaps another's inference instead of leaving a core idle. A runner picks its next
+        # batch in the same turn of the event loop as it delivers the last one: under a flood of
+        # refusals each turn of the loop is long, and a batch that waited several turns to be picked
+        # starved the admitted work (BENCHMARKS.md, "Fair scheduling").
         while True:
             try:
-                await slots.acquire()
-                try:
-                    batch = await self._next_batch()
-                except BaseException:
-                    slots.release()
-                    raise
-                if not batch:
-                    slots.release()
-                    continue
-                run = asyncio.get_running_loop().create_task(self._run(batch))
-                self._runs.add(run)
-                run.add_done_callback(self._runs.discard)
-                run.add_done_callback(lambda _: slots.release())
+                batch = await self._next_batch()
+                if batch:
+                    await self._run(batch)
             except Exception:
-                # A bug here must not end the only consumer of the queue (every later request would
-                # then time out); the items in hand time out at their deadline, the rest are served.
-                logger.exception("batching loop error, continuing")
+                # A bug here must not end a consumer of the queue (every later request would then time
+                # out); the items in hand time out at their deadline, the rest are served.
+                logger.exception("batch runner error, continuing")
 
     async def _next_batch(self) -> list[_Item]:
         while not self._line:

@@ -3,24 +3,26 @@ routes straight to the route's function, past FastAPI's layers.
 
 At one text per request, FastAPI and Starlette between the ASGI server and the route (their
 middlewares, routing, dependency solving, request and response objects) took a third of the event
-loop's time (BENCHMARKS.md, "Concurrency 1, one text"). The path here does what those layers do
-for these routes, with the same functions: the body parsed and validated by `parse_body` (the 422s
-FastAPI gives), the route's own function, the error handlers of service/error_handlers.py. The
-routes stay declared on FastAPI's router too, for the OpenAPI document and for every request this
-path does not take (another method, a body that is not declared JSON).
+loop's time (BENCHMARKS.md, "Concurrency 1, one text"). The path here does what those layers do for
+these routes, with the same functions: the body parsed by `parse_json` and validated by
+`validate_body` (the 422s FastAPI gives), the route's own function, the error handlers of
+service/error_handlers.py. The routes stay declared on FastAPI's router too, for the OpenAPI document
+and for every request this path does not take (another method, a body that is not declared JSON).
 """
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from service.batcher import overloaded
 from service.error_handlers import on_service_error, on_validation_error
-from service.errors import ServiceError
-from service.routes import classify, embed, openai_embeddings, parse_body
+from service.errors import ServiceError, openai_shaped
+from service.middleware import REQUESTED_MODEL, SERVED_MODEL
+from service.routes import classify, embed, openai_embeddings, parse_json, validate_body
 from service.schemas import ClassifyRequest, EmbedRequest, OpenAIEmbeddingRequest
 from service.state import ServiceState
 
@@ -29,10 +31,17 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Handler = Callable[[Any, Request, ServiceState], Awaitable[Response]]
 
-DIRECT_ROUTES: dict[str, tuple[type[BaseModel], Handler]] = {
-    "/embed": (EmbedRequest, embed),
-    "/classify": (ClassifyRequest, classify),
-    "/v1/embeddings": (OpenAIEmbeddingRequest, openai_embeddings),
+
+class DirectRoute(NamedTuple):
+    body_model: type[BaseModel]
+    handler: Handler
+    inputs_field: str  # the body's member that holds the inputs, measured for an early 429
+
+
+DIRECT_ROUTES: dict[str, DirectRoute] = {
+    "/embed": DirectRoute(EmbedRequest, embed, "inputs"),
+    "/classify": DirectRoute(ClassifyRequest, classify, "inputs"),
+    "/v1/embeddings": DirectRoute(OpenAIEmbeddingRequest, openai_embeddings, "input"),
 }
 
 
@@ -48,14 +57,35 @@ def takes_direct_path(scope: Scope, headers: dict[bytes, bytes]) -> bool:
     )
 
 
+def text_inputs(payload: Any, inputs_field: str) -> list[str]:
+    """A parsed body's inputs when they are texts (a text or a list of texts); none otherwise (token
+    IDs, or a body that validation will refuse)."""
+    inputs = payload.get(inputs_field) if isinstance(payload, dict) else None
+    if isinstance(inputs, str):
+        return [inputs]
+    if isinstance(inputs, list) and all(isinstance(text, str) for text in inputs):
+        return inputs
+    return []
+
+
 async def serve_direct(scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
-    """Answer the request as its FastAPI route would. An unexpected exception propagates to the
-    server-error middleware around this one, whose handler answers the documented 500."""
+    """Answer the request as its FastAPI route would. A request of texts the queue has no room for is
+    refused (429) once they are measured (as admission measures them, service/batcher.py), before its
+    body is validated: under a flood of big requests, validating each refused one cost more than
+    parsing it. An unexpected exception
+    propagates to the server-error middleware around this one, whose handler answers the documented
+    500."""
     request = Request(scope, receive)
-    body_model, handler = DIRECT_ROUTES[scope["path"]]
+    route = DIRECT_ROUTES[scope["path"]]
     state: ServiceState = scope["app"].state.service
     try:
-        response = await handler(parse_body(body_model, body), request, state)
+        payload = parse_json(body)
+        texts = text_inputs(payload, route.inputs_field)
+        refusing = state.refusing_model(scope[REQUESTED_MODEL], openai_shaped(scope["path"]), texts)
+        if refusing is not None:
+            scope[SERVED_MODEL] = refusing
+            raise overloaded()
+        response = await route.handler(validate_body(route.body_model, payload), request, state)
     except ServiceError as error:
         response = await on_service_error(request, error)
     except RequestValidationError as error:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from service.batcher import overloaded
 from service.errors import ErrorType, ServiceError, error_response_parts, openai_shaped
 from service.metrics import INFERENCE_ROUTES, MODEL_ROUTES, Metrics
 
@@ -40,9 +41,10 @@ MODEL_PREFIX = "/models/"
 REQUESTED_MODEL = "encoder.requested_model"
 SERVED_MODEL = "encoder.served_model"
 
-# Whether `model`'s queue (None: the default model's) is full; the model's name if so. The second
-# argument says the request names its model in its body, which has not been read yet.
-SaturatedCheck = Callable[[str | None, bool], str | None]
+# Whether `model`'s queue (None: the default model's) refuses a request of these texts (none: the body
+# is not read yet); the model's name if so (service/state.py). The second argument says the request
+# names its model in its body.
+RefusalCheck = Callable[[str | None, bool, list[str]], str | None]
 # The inference routes' direct path (service/direct_routes.py): whether a request takes it (from its
 # scope and headers), and the handler that answers it, given the body read here.
 DirectCheck = Callable[[Scope, dict[bytes, bytes]], bool]
@@ -73,7 +75,7 @@ class ServiceMiddleware:
         api_key: str | None,
         max_payload_bytes: int,
         body_timeout_s: float,
-        saturated: SaturatedCheck,
+        refusing_model: RefusalCheck,
         takes_direct_path: DirectCheck,
         serve_direct: DirectHandler,
     ) -> None:
@@ -82,7 +84,7 @@ class ServiceMiddleware:
         self.api_key = api_key.encode() if api_key else None
         self.max_payload_bytes = max_payload_bytes
         self.body_timeout_s = body_timeout_s
-        self.saturated = saturated
+        self.refusing_model = refusing_model
         self.takes_direct_path = takes_direct_path
         self.serve_direct = serve_direct
 
@@ -109,10 +111,10 @@ class ServiceMiddleware:
             if error is None and path in INFERENCE_PATHS:
                 # Under a flood most requests arrive while the queue is full: answering them before
                 # reading and parsing their body keeps a 429 cheap (the pipeline admits the others).
-                full = self.saturated(requested, openai_shaped(path))
+                full = self.refusing_model(requested, openai_shaped(path), [])
                 if full is not None:
                     scope[SERVED_MODEL] = full
-                    error = ServiceError(ErrorType.OVERLOADED, "the queue is full, retry later")
+                    error = overloaded()
             body = None
             if error is None and has_body(headers):
                 receive, body, error = await self._read_body(receive)

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import Request
 
 from bundle import ClassifierSpec
-from service.batcher import InferenceResult
+from service.batcher import InferenceResult, overloaded
 from service.bundle_loader import LoadedModel
 from service.errors import ErrorType, ServiceError
 from service.registry import ServedVersion
@@ -229,6 +229,9 @@ async def encode(
     instead of computed for nobody."""
     started = time.perf_counter()
     model, batcher, metrics = served.model, served.batcher, served.metrics
+    check_batch_size(len(inputs), state)
+    if batcher.refuses(len(inputs)):  # before the per-text checks: under a flood, 429s stay cheap
+        raise overloaded()
     inputs = with_prompt(check_inputs(inputs, truncate, state, model), prompt)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.request_timeout_s

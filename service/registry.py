@@ -131,9 +131,15 @@ class ModelRegistry:
             )
         return version
 
-    def saturated(self, name: str | None) -> bool:
+    def refuses(self, name: str | None, texts: list[str]) -> bool:
+        """Whether model `name` (None: the default) would refuse a request of `texts` now (of at least
+        one input when `texts` is empty: the body is not read yet)."""
         version = self._current.get(self.default_name if name is None else name)
-        return version is not None and version.batcher.saturated
+        if version is None:
+            return False
+        if not texts:
+            return version.batcher.refuses(1)
+        return version.batcher.refuses(len(texts), version.model.tokenizer.token_bound(list(texts)))
 
     @property
     def idle(self) -> bool:

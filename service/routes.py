@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -305,16 +306,31 @@ ROOT_ROUTES: dict[ModelKind, tuple[type[BaseModel], RootHandler]] = {
 
 
 def parse_body(body_model: type[BaseModel], body: bytes) -> BaseModel:
-    """What FastAPI does with a declared body, for the one route whose body model is chosen per model:
-    the same 422s, through the same handler (service/error_handlers.py)."""
+    """What FastAPI does with a declared body, for the routes that read it themselves (POST /, the
+    direct path): the same 422s, through the same handler (service/error_handlers.py)."""
+    return validate_body(body_model, parse_json(body))
+
+
+def parse_json(body: bytes) -> Any:
+    """The body's JSON as json.loads (FastAPI's parser) reads it. orjson parses first, 2x faster on a
+    big batch; it refuses what json.loads takes (lone surrogate escapes, which then get the schema's 422
+    naming the input; NaN; integers past 64 bits), and json.loads decides those, with its error's line
+    and column."""
     try:
-        payload = json.loads(body)
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body)
     except json.JSONDecodeError as error:
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body", error.pos), "msg": "JSON decode error", "input": {}}]
         ) from error
     except UnicodeDecodeError:
         raise ServiceError(ErrorType.VALIDATION, "the body is not UTF-8 JSON") from None
+
+
+def validate_body(body_model: type[BaseModel], payload: Any) -> BaseModel:
     try:
         return body_model.model_validate(payload)
     except ValidationError as error:

@@ -25,14 +25,16 @@ class ServiceState:
     def drained(self) -> bool:
         return self.in_flight == 0 and self.registry.idle
 
-    def saturated(self, model: str | None, named_in_body: bool) -> str | None:
-        """The name of `model` (None: the default model) if its queue is full, so that an inference
-        request for it can be refused (429) unread. A request that names its model in its body (OpenAI)
-        can be refused unread only when one model is served."""
+    def refusing_model(self, model: str | None, named_in_body: bool, texts: list[str]) -> str | None:
+        """The name of `model` (None: the default model) if its queue cannot take the request now, so
+        that an inference request for it can be refused (429) before its body is read (`texts` empty:
+        one input is asked for) or validated (its `texts`, counted in inputs and in tokens, as
+        admission counts them). A request that names its model in its body (OpenAI) is refused early
+        only when one model is served."""
         if not self.ready or (named_in_body and len(self.registry.names) > 1):
             return None
         name = model or self.registry.default_name
-        return name if self.registry.saturated(name) else None
+        return name if self.registry.refuses(name, texts) else None
 
     def ready_model(self, name: str | None = None) -> ServedVersion:
         """The version of model `name` (None: the default model) that takes new work; 503 while

@@ -408,18 +408,21 @@ def test_a_big_request_gets_its_share_and_whole_batches_once_alone() -> None:
     run(scenario)
 
 
-def test_saturated_queue_is_reported_before_any_request_is_read() -> None:
+def test_a_refusal_is_known_from_the_input_count_before_any_request_is_read() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()
         async with started(runtime, limits(), max_queue_items=4, max_queue_tokens=100) as batcher:
             first = await hold_runtime(batcher, runtime)
-            assert not batcher.saturated
+            assert not batcher.refuses(4)  # the running request holds no queue room
             queued = asyncio.create_task(batcher.infer([item_ids(70, 4)] * 3, deadline()))
             await let_tasks_run()
-            assert not batcher.saturated  # one more item fits
+            assert not batcher.refuses(1)  # one more item fits
+            assert batcher.refuses(2)
             with batcher.admit(items=1, tokens=4):
-                assert batcher.saturated  # a request being tokenised holds the last place
-            assert not batcher.saturated
+                assert batcher.refuses(1)  # a request being tokenised holds the last place
+            assert not batcher.refuses(1)
+            with batcher.admit(items=0, tokens=88):
+                assert batcher.refuses(1)  # the tokens are spent: 12 queued + 88 of 100
             runtime.gate.set()
             await asyncio.gather(first, queued)
 

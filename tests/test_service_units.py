@@ -329,3 +329,29 @@ def test_json_posts_to_embed_are_answered_without_fastapis_route(tiny_bundle: Pa
         assert refused.status_code == 422 and refused.json()["error_type"] == "Validation"
         assert client.post("/v1/embeddings", json={"input": "a cat"}).json()["data"][0]["index"] == 0
         assert client.get("/info").status_code == 500  # the override is in force on FastAPI's routes
+
+
+def test_the_direct_path_refuses_on_the_input_count_before_validating(tiny_bundle: Path) -> None:
+    """A request of texts the queue has no room for is refused (429) once they are measured, before its
+    body is validated: under a flood of big requests, validation cost more than the JSON parse."""
+    app = create_app(Settings(bundle=tiny_bundle))
+    measured: list[int] = []
+
+    def room_for_three(model: str | None, named_in_body: bool, texts: list[str]) -> str | None:
+        measured.append(len(texts))
+        return "tiny" if len(texts) > 3 else None
+
+    with TestClient(app) as client:
+        app.state.service.refusing_model = room_for_three
+        refused = client.post("/embed", json={"inputs": ["a cat"] * 4, "normalize": "yes"})
+        assert refused.status_code == 429 and refused.json()["error_type"] == "Overloaded"
+        assert refused.headers["retry-after"].isdigit()
+        assert client.post("/embed", json={"inputs": ["a cat"] * 3}).status_code == 200
+        ids = client.post("/embed", json={"inputs": [[5, 6]] * 5})  # token IDs: left to admission
+        assert ids.status_code == 200 and len(ids.json()) == 5
+        openai = client.post("/v1/embeddings", json={"input": ["a cat"] * 4, "model": "tiny"})
+        assert openai.status_code == 429 and openai.json()["error"]["type"] == "rate_limit_error"
+        assert client.post("/classify", json={"inputs": ["a cat"] * 9}).status_code == 429
+        metrics = client.get("/metrics").text
+    assert measured == [4, 3, 0, 4, 9]
+    assert 'encoder_rejected_total{model="tiny",reason="queue_full"} 3.0' in metrics
