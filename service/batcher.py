@@ -2,10 +2,11 @@
 with fair scheduling across requests.
 
 A handler first asks for room (`Batcher.admit`, a 429 decided before any tokenising), tokenises its
-request, then submits its items (one text each) and awaits the result. `concurrent_batches` asyncio
-tasks (one on a GPU), the runners, take batches from the queue: each picks the next batch as soon as
-its last one is delivered and runs it in one `InferenceSession.run` on a thread of its own. While
-batches run the event loop keeps accepting and tokenising requests, which form the next batch.
+request, then submits its items (one text each) and awaits the result. `concurrent_batches` runner
+threads (one on a GPU) take batches from the queue: each picks the next batch as soon as its last one
+has run, runs it in one `InferenceSession.run` and hands the outputs to the event loop, which answers
+the requests. While batches run the event loop keeps accepting and tokenising requests, which form
+the next batch; a busy event loop delays answers, never the runtime.
 
 Fairness: queued requests wait in a round-robin line, least recently served first. A batch looks at
 most `max_batch_size / queued requests` items of each request (at least one), always includes the
@@ -14,16 +15,18 @@ gets its share of every batch, not the runtime: a one-text request that arrives 
 about one batch, not for 1,000 texts. Fair per request, not per client: a client that sends many
 requests at once gets a share for each (per-client limits belong to a proxy or rate limiter).
 
-Pure asyncio and numpy: tests drive it with a fake runtime.
+The queue is shared by the event loop and the runner threads under one lock; futures are completed on
+the event loop only. Tests drive it with a fake runtime.
 """
 
 import asyncio
 import contextlib
+import functools
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -71,7 +74,10 @@ class Reservation:
 @dataclass(eq=False)
 class QueuedRequest:
     future: asyncio.Future[InferenceResult]
-    deadline: float  # loop time
+    deadline: float  # loop time, for the waiter on the event loop
+    # The same deadline and the moments of the request's life on time.perf_counter's clock, which the
+    # runner threads read (an event loop's time, uvloop's, is cached once per turn of the loop).
+    expires_at: float
     enqueued_at: float
     outputs: list[ItemOutput | None]
     remaining: int  # items without an output yet
@@ -167,6 +173,10 @@ class Batcher:
         self._max_queue_tokens = max_queue_tokens
         self._pad_id = pad_id
         self._metrics = metrics
+        # The queue is shared by the event loop (admit, submit, drop) and the runner threads (pick):
+        # every change to it, and every read of it that decides something, holds this lock.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified whenever the queue or arrivals change
         # Requests with items still to pick, least recently served first (the round-robin line).
         self._line: deque[QueuedRequest] = deque()
         self._queued_items = 0
@@ -174,12 +184,9 @@ class Batcher:
         self._reserved_items = 0  # admitted requests being tokenised, counted before they queue
         self._reserved_tokens = 0
         self._arriving = 0
-        self._wake = asyncio.Event()
-        self._running = 0  # batches in ONNX Runtime now, at most limits.concurrent_batches
-        self._executor = ThreadPoolExecutor(
-            max_workers=limits.concurrent_batches, thread_name_prefix="inference"
-        )
-        self._runners: list[asyncio.Task[None]] = []
+        self._running: list[list[_Item]] = []  # batches in ONNX Runtime now
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def queued_items(self) -> int:
@@ -191,30 +198,31 @@ class Batcher:
 
     @property
     def idle(self) -> bool:
-        return not self._line and not self._running
+        with self._lock:
+            return not self._line and not self._running
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._runners = [
-            loop.create_task(self._runner(), name=f"batch-runner-{number}")
-            for number in range(self.limits.concurrent_batches)
-        ]
+        self._loop = asyncio.get_running_loop()
+        for number in range(self.limits.concurrent_batches):
+            threading.Thread(target=self._runner, name=f"inference_{number}", daemon=True).start()
 
     async def stop(self) -> None:
-        for task in self._runners:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for request in list(self._line):
+        """Fail every queued request and every request of a batch still running (UNHEALTHY); the runner
+        threads end once their run in progress, if any, returns (its result is dropped)."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+            abandoned = [item.request for batch in self._running for item in batch] + list(self._line)
+        for request in abandoned:
             request.fail(ServiceError(ErrorType.UNHEALTHY, "the service is shutting down"))
             self._drop(request)
-        self._executor.shutdown(wait=False)  # a run in progress ends on its own
 
     def refuses(self, items: int, tokens: int | None = None) -> bool:
         """Whether a request of at least `items` inputs and `tokens` tokens (by default one per input)
         would be refused now: asked before its body is read (`items` 1) or validated, so that a 429
         stays cheap."""
-        return self._no_room(items, items if tokens is None else tokens)
+        with self._lock:
+            return self._no_room(items, items if tokens is None else tokens)
 
     def _no_room(self, items: int, tokens: int) -> bool:
         # An empty queue takes any one request, so a request larger than max_queue_tokens is slow but
@@ -225,27 +233,27 @@ class Batcher:
             held_items + items > self._max_queue_items or held_tokens + tokens > self._max_queue_tokens
         )
 
-    def _check_room(self, items: int, tokens: int) -> None:
-        if self._no_room(items, tokens):
-            raise overloaded()
-
     @contextlib.contextmanager
     def admit(self, items: int, tokens: int) -> Iterator[Reservation]:
         """Hold queue room for a request about to be tokenised: `items` texts of at most `tokens` tokens
         in all. Raises OVERLOADED at once if the queue cannot take them, so a 429 costs no tokenising.
         The room is released on exit unless `submit` took it over. While held, the request counts as
-        arriving: with max_wait_ms > 0 the loop may wait for it (a lone request on an idle server
+        arriving: with max_wait_ms > 0 a runner may wait for it (a lone request on an idle server
         announces nobody else and never waits)."""
-        self._check_room(items, tokens)
-        reservation = Reservation(items, tokens)
-        self._reserved_items += items
-        self._reserved_tokens += tokens
-        self._arriving += 1
+        with self._lock:
+            if self._no_room(items, tokens):
+                raise overloaded()
+            reservation = Reservation(items, tokens)
+            self._reserved_items += items
+            self._reserved_tokens += tokens
+            self._arriving += 1
         try:
             yield reservation
         finally:
-            self._arriving -= 1
-            self._release(reservation)
+            with self._changed:
+                self._arriving -= 1
+                self._release(reservation)
+                self._changed.notify_all()
 
     def _release(self, reservation: Reservation) -> None:
         if reservation.held:
@@ -258,31 +266,35 @@ class Batcher:
     ) -> QueuedRequest:
         """Queue one request's items (taking over its reservation, if any); `wait` gives the result.
         Without a reservation, raises OVERLOADED when the queue cannot take them."""
-        if reservation is None:
-            self._check_room(len(token_ids), sum(len(ids) for ids in token_ids))
-        else:
-            self._release(reservation)
         loop = asyncio.get_running_loop()
         request = QueuedRequest(
             future=loop.create_future(),
             deadline=deadline,
-            enqueued_at=loop.time(),
+            expires_at=time.perf_counter() + (deadline - loop.time()),
+            enqueued_at=time.perf_counter(),
             outputs=[None] * len(token_ids),
             remaining=len(token_ids),
         )
-        if not token_ids:  # nothing to run (validation keeps this from happening): answered at once
-            request.future.set_result(InferenceResult([], 0.0, 0.0))
-            return request
         # A request's items wait shortest first: a batch sees only each request's share of them (16 of a
         # lone 1,000-text request on a CPU), so in arrival order a big request's batches padded badly and
         # ran 6 items at a time on average; its answer needs all of them anyway.
         items = sorted((_Item(request, index, ids) for index, ids in enumerate(token_ids)), key=_length)
-        request.pending.extend(items)
-        self._line.append(request)
-        self._queued_items += len(token_ids)
-        self._queued_tokens += sum(len(ids) for ids in token_ids)
-        self._publish_queue()
-        self._wake.set()
+        tokens = sum(len(ids) for ids in token_ids)
+        with self._changed:
+            if reservation is None:
+                if self._no_room(len(token_ids), tokens):
+                    raise overloaded()
+            else:
+                self._release(reservation)
+            if not token_ids:  # nothing to run (validation keeps this from happening): answered at once
+                request.future.set_result(InferenceResult([], 0.0, 0.0))
+                return request
+            request.pending.extend(items)
+            self._line.append(request)
+            self._queued_items += len(token_ids)
+            self._queued_tokens += tokens
+            self._publish_queue()
+            self._changed.notify()
         return request
 
     async def wait(
@@ -305,8 +317,7 @@ class Batcher:
             raise _timeout_error()
         finally:
             request.future.cancel()
-            if request.pending:
-                self._drop(request)
+            self._drop(request)
 
     async def infer(self, token_ids: Sequence[list[int]], deadline: float) -> InferenceResult:
         """submit, then wait: for callers that tokenised without a reservation."""
@@ -314,6 +325,12 @@ class Batcher:
 
     def _drop(self, request: QueuedRequest) -> None:
         """Take a request's unpicked items out of the queue (it is answered, or nobody waits for it)."""
+        with self._lock:
+            self._unqueue(request)
+
+    def _unqueue(self, request: QueuedRequest) -> None:
+        if not request.pending:
+            return
         self._queued_items -= len(request.pending)
         self._queued_tokens -= sum(item.length for item in request.pending)
         request.pending.clear()
@@ -325,31 +342,42 @@ class Batcher:
         self._metrics.queue_items.set(self._queued_items)
         self._metrics.queue_tokens.set(self._queued_tokens)
 
-    async def _runner(self) -> None:
-        # limits.concurrent_batches runners take batches from the one queue, each running its batch on
-        # an executor thread of its own, so with two one batch's Python work (padding, delivering
-        # results) overlaps another's inference instead of leaving a core idle. A runner picks its next
-        # batch in the same turn of the event loop as it delivers the last one: under a flood of
-        # refusals each turn of the loop is long, and a batch that waited several turns to be picked
-        # starved the admitted work (BENCHMARKS.md, "Fair scheduling").
+    def _runner(self) -> None:
+        """One runner thread: take the next batch, run it, hand the results to the event loop, again.
+        limits.concurrent_batches of them share the queue, so with two one batch's Python work (padding,
+        delivering results) overlaps another's inference instead of leaving a core idle. Picking the
+        batch here rather than on the event loop keeps the runtime busy while the loop is not free: under
+        a flood of refusals each turn of the loop is long, and batches picked on the loop starved the
+        admitted work (BENCHMARKS.md, "Fair scheduling")."""
+        assert self._loop is not None
+        loop = self._loop
         while True:
+            with self._changed:
+                batch = self._take_batch()
+                if batch is None:
+                    return
+                self._running.append(batch)
             try:
-                batch = await self._next_batch()
-                if batch:
-                    await self._run(batch)
-            except Exception:
-                # A bug here must not end a consumer of the queue (every later request would then time
-                # out); the items in hand time out at their deadline, the rest are served.
-                logger.exception("batch runner error, continuing")
+                delivery = self._run(batch)
+            finally:
+                with self._lock:
+                    self._running.remove(batch)
+            try:
+                loop.call_soon_threadsafe(delivery)
+            except RuntimeError:  # the event loop is closed: nobody waits for these results
+                return
 
-    async def _next_batch(self) -> list[_Item]:
-        while not self._line:
-            self._wake.clear()
-            await self._wake.wait()
-        await self._wait_for_arrivals()
-        self._drop_expired(asyncio.get_running_loop().time())
-        if not self._line:
-            return []
+    def _take_batch(self) -> list[_Item] | None:
+        """The next batch, once there is one (None when stopping); called holding the lock."""
+        while True:
+            while not self._line and not self._stopping:
+                self._changed.wait()
+            if self._stopping:
+                return None
+            self._wait_for_arrivals()
+            self._drop_expired()
+            if self._line:
+                break
         batch = pick_batch(self._window(), *self.limits.budget)
         served: set[int] = set()
         for item in batch:
@@ -364,13 +392,13 @@ class Batcher:
         self._publish_queue()
         return batch
 
-    def _drop_expired(self, now: float) -> None:
+    def _drop_expired(self) -> None:
+        now = time.perf_counter()
         for request in list(self._line):
-            if request.future.done():  # timed out, disconnected, or failed with another item
-                self._drop(request)
-            elif now >= request.deadline:
-                request.fail(_timeout_error())
-                self._drop(request)
+            # Answered (timed out, disconnected, failed with another item) or past its deadline (its
+            # waiter answers 504 then): nothing of it is worth running.
+            if request.future.done() or now >= request.expires_at:
+                self._unqueue(request)
 
     def _window(self) -> list[_Item]:
         """The candidates for the next batch, in round-robin order: each request's oldest item from the
@@ -388,50 +416,54 @@ class Batcher:
                         return window
         return window
 
-    async def _wait_for_arrivals(self) -> None:
+    def _wait_for_arrivals(self) -> None:
+        """With max_wait_ms, wait (holding the lock's condition) while admitted requests are still being
+        tokenised and the batch is not full yet."""
         if self.limits.max_wait_ms <= 0:
             return
-        loop = asyncio.get_running_loop()
-        until = loop.time() + self.limits.max_wait_ms / 1000
-        while self._arriving > 0 and self._queued_items < self.limits.max_batch_size and loop.time() < until:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), until - loop.time())
+        until = time.monotonic() + self.limits.max_wait_ms / 1000
+        while self._arriving > 0 and self._queued_items < self.limits.max_batch_size and not self._stopping:
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._changed.wait(left)
 
-    async def _run(self, batch: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
-        self._running += 1
+    def _run(self, batch: list[_Item]) -> Callable[[], None]:
+        """Run `batch` on this thread; -> what the event loop then does with the outcome (deliver each
+        item's output, or fail the batch's requests)."""
+        input_ids, attention_mask = pad_to_longest([item.token_ids for item in batch], self._pad_id)
+        started_at = time.perf_counter()
+        for item in batch:
+            if item.request.started_at is None:
+                item.request.started_at = started_at
+            self._metrics.queue_wait.observe(started_at - item.request.enqueued_at)
+        run_started = time.perf_counter()
         try:
-            input_ids, attention_mask = pad_to_longest([item.token_ids for item in batch], self._pad_id)
-            started_at = loop.time()
-            for item in batch:
-                if item.request.started_at is None:
-                    item.request.started_at = started_at
-                self._metrics.queue_wait.observe(started_at - item.request.enqueued_at)
-            run_started = time.perf_counter()
-            outputs = await loop.run_in_executor(self._executor, self._runtime.run, input_ids, attention_mask)
-            self._metrics.inference_duration.observe(time.perf_counter() - run_started)
+            outputs = self._runtime.run(input_ids, attention_mask)
+            run_seconds = time.perf_counter() - run_started
             rows = outputs.embeddings.shape[0]
             if rows != len(batch) or (outputs.logits is not None and outputs.logits.shape[0] != len(batch)):
                 raise RuntimeError(f"the model returned {rows} rows for a batch of {len(batch)}")
-        except asyncio.CancelledError:
-            for item in batch:  # stop() during a run: answer its requests rather than leave them hanging
-                item.request.fail(ServiceError(ErrorType.UNHEALTHY, "the service is shutting down"))
-            raise
         except Exception as exc:
-            # Only this batch's requests fail; the loop carries on with the next batch.
+            # Only this batch's requests fail; the runner carries on with the next batch.
             logger.exception("batch of %d items failed", len(batch))
             error = ServiceError(ErrorType.BACKEND, f"inference failed: {type(exc).__name__}: {exc}")
-            for item in batch:
-                item.request.fail(error)
-            return
-        finally:
-            self._running -= 1
-        finished_at = loop.time()
+            return functools.partial(_fail_all, batch, error)
+        self._metrics.inference_duration.observe(run_seconds)
+        finished_at = time.perf_counter()
         padded_tokens = input_ids.size
         self._metrics.batch_size.observe(len(batch))
         self._metrics.batch_tokens.observe(padded_tokens)
         self._metrics.batch_padding_ratio.observe(1 - int(attention_mask.sum()) / padded_tokens)
-        for row, item in enumerate(batch):
-            logits = None if outputs.logits is None else outputs.logits[row]
-            item.request.deliver(item.index, ItemOutput(outputs.embeddings[row], logits), finished_at)
+        return functools.partial(_deliver_all, batch, outputs, finished_at)
+
+
+def _deliver_all(batch: list[_Item], outputs: ModelOutputs, finished_at: float) -> None:
+    for row, item in enumerate(batch):
+        logits = None if outputs.logits is None else outputs.logits[row]
+        item.request.deliver(item.index, ItemOutput(outputs.embeddings[row], logits), finished_at)
+
+
+def _fail_all(batch: list[_Item], error: ServiceError) -> None:
+    for item in batch:
+        item.request.fail(error)

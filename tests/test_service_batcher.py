@@ -1,4 +1,4 @@
-"""The dynamic batcher with a fake runtime: pure asyncio, no model, no HTTP."""
+"""The dynamic batcher with a fake runtime: no model, no HTTP."""
 
 import asyncio
 import threading
@@ -36,11 +36,13 @@ class FakeRuntime:
         self.fail_marker = fail_marker
         self.drop_a_row = drop_a_row
         self.runs_started = 0
+        self.run_starts = threading.Semaphore(0)  # released once per run started
         self.lock = threading.Lock()
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> ModelOutputs:
         with self.lock:
             self.runs_started += 1
+        self.run_starts.release()
         self.running.set()
         assert self.gate.wait(10), "test never opened the gate"
         self.batches.append(input_ids[:, 0].tolist())
@@ -503,5 +505,28 @@ def test_an_abandoned_request_is_answered_499_and_its_items_never_run() -> None:
             runtime.gate.set()
             await first
         assert all(61 not in batch and 62 not in batch for batch in runtime.batches)
+
+    run(scenario)
+
+
+def test_batches_keep_running_while_the_event_loop_is_blocked() -> None:
+    """The runner threads pick and run batches without the event loop: with the loop blocked, as a
+    flood of refusals keeps it, the queued batches still run; only their answers wait for the loop."""
+
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(max_batch_size=2)) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            queued = [
+                asyncio.create_task(batcher.infer([item_ids(marker, 4)], deadline()))
+                for marker in range(100, 106)
+            ]
+            await let_tasks_run()
+            runtime.gate.set()
+            # Blocks the event loop's thread until the held run and three batches of two have started.
+            assert all(runtime.run_starts.acquire(timeout=10) for _ in range(4))
+            results = await asyncio.gather(first, *queued)
+        assert [markers(result) for result in results[1:]] == [[n] for n in range(100, 106)]
+        assert sorted(len(batch) for batch in runtime.batches) == [1, 2, 2, 2]
 
     run(scenario)
