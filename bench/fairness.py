@@ -9,8 +9,14 @@ One service (`encoder serve`, defaults) and three measurements:
    the small clients' p50/p99 and requests/s in both phases, and total texts/s (small + big).
    Targets: with the big client, the small clients' p99 stays within 3x the baseline's and total
    texts/s does not drop more than 10%.
-2. Flood. Many connections send 1,000-text requests at once, far beyond the queue: reports how fast
-   a 429 is answered (p50/p99), which is decided before any tokenising.
+2. Flood, two ways, each with the texts/s the service still served meanwhile:
+   - closed loop: many connections each send 1,000-text requests back to back, resending as soon as
+     they are answered (clients that ignore Retry-After). The refusals' latency is then the
+     connections divided by the refusals per second (Little's law), whatever one refusal costs;
+   - open loop: 1,000-text requests sent at fixed rates, far beyond what the service can serve,
+     each on a new connection, each timed from the moment it was due (so a slow answer cannot
+     delay the next request and hide itself): how fast a 429 is answered under such a flood.
+     Target (issue 11): p99 in single-digit milliseconds.
 3. Deadline. With a 1 s request deadline, one request of 1,024 inputs of 4,000 characters (seconds
    of tokenising): reports when its 504 arrives.
 
@@ -25,9 +31,10 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
-from loadgen import LoadResult, make_texts, run_load
+from loadgen import LoadResult, make_texts, percentile, run_load
 
 from service.process import ServiceProcess
 
@@ -89,9 +96,65 @@ def embed_duration_buckets(url: str) -> dict[str, float]:
     return buckets
 
 
+def served_texts(url: str) -> float:
+    """Texts the service has run so far (encoder_batch_size_sum, over every model)."""
+    return sum(
+        float(line.split()[-1])
+        for line in httpx.get(f"{url}/metrics").text.splitlines()
+        if line.startswith("encoder_batch_size_sum")
+    )
+
+
+async def timed_request(host: str, port: int, request: bytes, due: float) -> tuple[str, float]:
+    """Send one request on a new connection; its status and the seconds from `due` to its answer."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(value)
+            for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+            if name.strip().lower() == b"content-length"
+        )
+        await reader.readexactly(length)
+    finally:
+        writer.close()
+    return head[9:12].decode(), time.perf_counter() - due
+
+
+async def open_loop(url: str, rate: float, seconds: float) -> dict[str, object]:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    body = json.dumps({"inputs": make_texts(BIG_TEXTS, seed=11)}).encode()
+    request = (
+        f"POST /embed HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    served_before, started = served_texts(url), time.perf_counter()
+    tasks = []
+    for number in range(round(rate * seconds)):
+        due = started + number / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        tasks.append(asyncio.create_task(timed_request(host, port, request, due)))
+    answers = await asyncio.gather(*tasks)
+    served = (served_texts(url) - served_before) / (time.perf_counter() - started)
+    refusals = sorted(seconds for status, seconds in answers if status == "429")
+    statuses = Counter(status for status, _ in answers)
+    return {
+        "rate_per_s": rate,
+        "requests": len(answers),
+        "statuses": dict(statuses),
+        "refusal_p50_ms": round(percentile(refusals, 0.50) * 1000, 2),
+        "refusal_p99_ms": round(percentile(refusals, 0.99) * 1000, 2),
+        "served_texts_per_s": round(served, 1),
+    }
+
+
 def flood(url: str, connections: int, requests: int) -> dict[str, object]:
     before = embed_duration_buckets(url)
+    served_before, started = served_texts(url), time.perf_counter()
     result = asyncio.run(run_load(url, connections, BIG_TEXTS, requests=requests, duration_s=3600))
+    served = (served_texts(url) - served_before) / (time.perf_counter() - started)
     after = embed_duration_buckets(url)
     counts = {bound: after[bound] - before[bound] for bound in after}
     total = counts["+Inf"]
@@ -99,7 +162,11 @@ def flood(url: str, connections: int, requests: int) -> dict[str, object]:
         f"<= {float(bound) * 1000:g} ms": round(counts[bound] / total, 3)
         for bound in ("0.005", "0.01", "0.025")
     }
-    return {"client_side": asdict(result), "server_side_share_within": server_side}
+    return {
+        "client_side": asdict(result),
+        "server_side_share_within": server_side,
+        "served_texts_per_s": round(served, 1),
+    }
 
 
 def deadline(bundle: Path) -> dict[str, object]:
@@ -118,10 +185,18 @@ def main() -> None:
     parser.add_argument("--big-requests", type=int, default=4, help="1,000-text requests, big client alone")
     parser.add_argument("--flood-connections", type=int, default=64)
     parser.add_argument("--flood-requests", type=int, default=640)
+    parser.add_argument(
+        "--flood-rates", default="20,50,100", help="open-loop flood: 1,000-text requests per second"
+    )
+    parser.add_argument("--flood-seconds", type=float, default=10.0, help="open-loop flood: per rate")
     args = parser.parse_args()
     with ServiceProcess(args.bundle) as service:
         fair = fairness(service.base_url, args.small_requests, args.big_requests)
         flooded = flood(service.base_url, args.flood_connections, args.flood_requests)
+    open_floods = []
+    for rate in (float(rate) for rate in args.flood_rates.split(",")):
+        with ServiceProcess(args.bundle) as service:  # a fresh service: no backlog from the last rate
+            open_floods.append(asyncio.run(open_loop(service.base_url, rate, args.flood_seconds)))
     late = deadline(args.bundle)
     base, mixed = fair["baseline"], fair["with_big_client"]
     assert isinstance(base, dict) and isinstance(mixed, dict)
@@ -144,10 +219,18 @@ def main() -> None:
         f"flood: {client_side['requests']} requests, statuses 200: {client_side['ok']}, others "
         f"{client_side['errors']}, p50 {client_side['p50_ms']} ms, p99 by status (ms) "
         f"{client_side['p99_ms_by_status']}; server side, share answered within "
-        f"{flooded['server_side_share_within']}"
+        f"{flooded['server_side_share_within']}; served meanwhile {flooded['served_texts_per_s']} texts/s"
     )
+    print("\n| open-loop flood: 1,000-text requests/s | requests | statuses | 429 p50 ms", end="")
+    print(" | 429 p99 ms | served texts/s |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for row in open_floods:
+        print(
+            f"| {row['rate_per_s']:g} | {row['requests']} | {row['statuses']} | {row['refusal_p50_ms']} "
+            f"| {row['refusal_p99_ms']} | {row['served_texts_per_s']} |"
+        )
     print(f"deadline 1 s, 1024 x 4000 characters: {late['status']} after {late['seconds']} s")
-    print(json.dumps({"fairness": fair, "flood": flooded, "deadline": late}), flush=True)
+    print(json.dumps({"fairness": fair, "flood": flooded, "open_loop_floods": open_floods, "deadline": late}))
 
 
 if __name__ == "__main__":

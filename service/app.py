@@ -3,6 +3,7 @@ handlers and the middleware, put together. What each part does lives in its own 
 service/routes.py, service/pipeline.py, service/postprocess.py, service/error_handlers.py."""
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +34,11 @@ def create_app(settings: Settings, models: dict[str, LoadedModel] | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = models or await asyncio.to_thread(load_models, settings)
         state.registry.start(loaded, settings.bundles())
+        # Everything loaded so far (libraries, models) lives as long as the process: frozen, the
+        # collector's full passes no longer walk it. One such pass over the unfrozen heap held the
+        # event loop for 126 ms under a flood (BENCHMARKS.md, "Fair scheduling").
+        gc.collect()
+        gc.freeze()
         state.ready = True
         logger.info("ready: %s", {name: model.limits for name, model in loaded.items()})
         yield

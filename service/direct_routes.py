@@ -63,7 +63,7 @@ def text_inputs(payload: Any, inputs_field: str) -> list[str]:
     inputs = payload.get(inputs_field) if isinstance(payload, dict) else None
     if isinstance(inputs, str):
         return [inputs]
-    if isinstance(inputs, list) and all(isinstance(text, str) for text in inputs):
+    if isinstance(inputs, list) and set(map(type, inputs)) == {str}:  # C speed: on a flood's path
         return inputs
     return []
 
