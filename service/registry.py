@@ -139,7 +139,11 @@ class ModelRegistry:
             return False
         if not texts:
             return version.batcher.refuses(1)
-        return version.batcher.refuses(len(texts), version.model.tokenizer.token_bound(list(texts)))
+        # Most of the time even max_seq_len tokens per text fit, and the texts need not be measured.
+        worst = len(texts) * version.model.tokenizer.max_seq_len
+        if not version.batcher.refuses(len(texts), worst):
+            return False
+        return version.batcher.refuses(len(texts), version.model.tokenizer.token_bound(texts))
 
     @property
     def idle(self) -> bool:
