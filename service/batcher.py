@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -43,6 +45,8 @@ logger = logging.getLogger("service.batcher")
 # How many queued items the loop looks at to pick a batch, in multiples of max_batch_size: enough to
 # group similar lengths, bounded so a long queue costs no more per batch.
 LOOKAHEAD_BATCHES = 4
+# How much nicer than the event loop the runner threads are (lower_this_threads_priority).
+RUNNER_NICENESS = 10
 
 
 class Runtime(Protocol):
@@ -108,6 +112,17 @@ class _Item:
     @property
     def length(self) -> int:
         return len(self.token_ids)
+
+
+def lower_this_threads_priority() -> None:
+    """Raise the calling thread's niceness by RUNNER_NICENESS (Linux, where a thread has its own).
+
+    Runs are throughput work; the event loop is latency work (reading requests, refusing, answering).
+    When runs keep every core busy, a loop at the same priority waited for a core as long as it ran
+    (3.0 s of 2.9 s under a flood); niced runners let it in at once (0.7 s), and served as many texts."""
+    if sys.platform == "linux":
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + RUNNER_NICENESS)
 
 
 def _length(item: _Item) -> int:
@@ -351,6 +366,7 @@ class Batcher:
         admitted work (BENCHMARKS.md, "Fair scheduling")."""
         assert self._loop is not None
         loop = self._loop
+        lower_this_threads_priority()
         while True:
             with self._changed:
                 batch = self._take_batch()

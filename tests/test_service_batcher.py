@@ -1,6 +1,8 @@
 """The dynamic batcher with a fake runtime: no model, no HTTP."""
 
 import asyncio
+import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from bundle.runtime import ModelOutputs
-from service.batcher import Batcher, InferenceResult, pick_batch
+from service.batcher import RUNNER_NICENESS, Batcher, InferenceResult, pick_batch
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 from service.settings import BatchLimits
@@ -528,5 +530,21 @@ def test_batches_keep_running_while_the_event_loop_is_blocked() -> None:
             results = await asyncio.gather(first, *queued)
         assert [markers(result) for result in results[1:]] == [[n] for n in range(100, 106)]
         assert sorted(len(batch) for batch in runtime.batches) == [1, 2, 2, 2]
+
+    run(scenario)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own niceness is Linux's")
+def test_runner_threads_yield_the_cpu_to_the_event_loop() -> None:
+    async def scenario() -> None:
+        async with started(FakeRuntime(), limits(concurrent_batches=2)) as batcher:
+            assert markers(await batcher.infer([item_ids(7, 4)], deadline())) == [7]
+            loop_niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            runners = [thread for thread in threading.enumerate() if thread.name.startswith("inference_")]
+            assert len(runners) >= 2
+            for runner in runners:
+                assert runner.native_id is not None
+                niceness = os.getpriority(os.PRIO_PROCESS, runner.native_id)
+                assert niceness == min(19, loop_niceness + RUNNER_NICENESS)
 
     run(scenario)
