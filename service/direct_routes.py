@@ -22,8 +22,28 @@ from service.batcher import overloaded
 from service.error_handlers import on_service_error, on_validation_error
 from service.errors import ServiceError, openai_shaped
 from service.middleware import REQUESTED_MODEL, SERVED_MODEL
-from service.routes import classify, embed, openai_embeddings, parse_json, validate_body
-from service.schemas import ClassifyRequest, EmbedRequest, OpenAIEmbeddingRequest
+from service.routes import (
+    classify,
+    cohere_rerank,
+    cohere_v2_rerank,
+    embed,
+    openai_embeddings,
+    parse_json,
+    predict,
+    rerank,
+    similarity,
+    validate_body,
+)
+from service.schemas import (
+    ClassifyRequest,
+    CohereRerankRequest,
+    CohereV2RerankRequest,
+    EmbedRequest,
+    OpenAIEmbeddingRequest,
+    PredictRequest,
+    RerankRequest,
+    SimilarityRequest,
+)
 from service.state import ServiceState
 
 Scope = MutableMapping[str, Any]
@@ -35,13 +55,20 @@ Handler = Callable[[Any, Request, ServiceState], Awaitable[Response]]
 class DirectRoute(NamedTuple):
     body_model: type[BaseModel]
     handler: Handler
-    inputs_field: str  # the body's member that holds the inputs, measured for an early 429
+    # The body's member that holds the inputs, measured for an early 429 when it is a list of texts (a
+    # reranker's texts are measured without their query: a lower bound, as the early 429 needs).
+    inputs_field: str
 
 
 DIRECT_ROUTES: dict[str, DirectRoute] = {
     "/embed": DirectRoute(EmbedRequest, embed, "inputs"),
     "/classify": DirectRoute(ClassifyRequest, classify, "inputs"),
+    "/predict": DirectRoute(PredictRequest, predict, "inputs"),
+    "/similarity": DirectRoute(SimilarityRequest, similarity, "inputs"),
+    "/rerank": DirectRoute(RerankRequest, rerank, "texts"),
     "/v1/embeddings": DirectRoute(OpenAIEmbeddingRequest, openai_embeddings, "input"),
+    "/v1/rerank": DirectRoute(CohereRerankRequest, cohere_rerank, "documents"),
+    "/v2/rerank": DirectRoute(CohereV2RerankRequest, cohere_v2_rerank, "documents"),
 }
 
 

@@ -302,7 +302,10 @@ def test_sliced_rendering_is_the_same_json_as_one_orjson_call(content: object) -
         ("POST", "/embed", b"text/plain", False),  # FastAPI reads it as bytes and answers its 422
         ("POST", "/embed", None, False),
         ("GET", "/embed", b"application/json", False),  # FastAPI answers 405
-        ("POST", "/rerank", b"application/json", False),
+        ("POST", "/rerank", b"application/json", True),
+        ("POST", "/v2/rerank", b"application/json", True),
+        ("POST", "/", b"application/json", False),  # the route depends on the model's kind
+        ("POST", "/tokenize", b"application/json", False),
     ],
 )
 def test_only_json_posts_to_the_direct_routes_take_the_direct_path(
