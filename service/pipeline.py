@@ -148,9 +148,8 @@ def check_batch_size(count: int, state: ServiceState) -> None:
 def check_inputs(
     inputs: list[ModelInput], truncate: bool, state: ServiceState, model: LoadedModel
 ) -> list[ModelInput]:
-    """The inputs with texts cut to max_input_chars, or 422 if there are too many, a text is too long to
-    cut, or a token ID is outside the vocabulary."""
-    check_batch_size(len(inputs), state)
+    """The inputs with texts cut to max_input_chars, or 422 if a text is too long to cut or a token ID
+    is outside the vocabulary (their number is the caller's to check first: `check_batch_size`)."""
     check_token_ids([item for item in inputs if isinstance(item, list)], model)
     limit = state.settings.max_input_chars
     for position, item in enumerate(inputs):

@@ -22,6 +22,7 @@ async def tokenize(body: TokenizeRequest, request: Request, state: State) -> Res
     model = route_model(state, request).model
     prompt = resolve_prompt(body.prompt_name, model)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    check_batch_size(len(texts), state)
     # Nothing is cut here, so a text over max_input_chars is refused as with truncate=false.
     check_inputs(list(texts), truncate=False, state=state, model=model)
     prompted = [prompt + text if prompt else text for text in texts]

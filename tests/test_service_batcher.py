@@ -103,6 +103,14 @@ async def hold_runtime(
     return task
 
 
+def one_item_requests(batcher: Batcher, lengths: dict[int, int]) -> list[asyncio.Task[InferenceResult]]:
+    """One request of one item per marker, `lengths[marker]` tokens long, each on a task of its own."""
+    return [
+        asyncio.create_task(batcher.infer([item_ids(marker, length)], deadline()))
+        for marker, length in lengths.items()
+    ]
+
+
 async def let_tasks_run() -> None:
     # Yield the event loop a few times so that tasks just created enqueue (or cancel) their items;
     # deterministic, unlike a wall-clock sleep.
@@ -157,10 +165,7 @@ def test_token_budget_caps_padded_tokens_per_batch() -> None:
         runtime = FakeRuntime()
         async with started(runtime, limits(max_batch_tokens=30, max_batch_size=100)) as batcher:
             first = await hold_runtime(batcher, runtime)
-            tasks = [
-                asyncio.create_task(batcher.infer([item_ids(marker, 10)], deadline()))
-                for marker in range(20, 27)
-            ]
+            tasks = one_item_requests(batcher, dict.fromkeys(range(20, 27), 10))
             await let_tasks_run()
             runtime.gate.set()
             await asyncio.gather(first, *tasks)
@@ -178,10 +183,7 @@ def test_batches_group_similar_lengths_without_starving_the_oldest() -> None:
             # Arrival order: short, long, short, long. In arrival order the batches would be
             # [5, 50] and [6, 48] (padding 45 + 42); by length they are [5, 6] and [48, 50].
             lengths = {1: 5, 2: 50, 3: 6, 4: 48}
-            tasks = [
-                asyncio.create_task(batcher.infer([item_ids(marker, length)], deadline()))
-                for marker, length in lengths.items()
-            ]
+            tasks = one_item_requests(batcher, lengths)
             await let_tasks_run()
             runtime.gate.set()
             await asyncio.gather(first, *tasks)
@@ -349,9 +351,7 @@ def test_one_text_requests_are_not_starved_by_a_big_request() -> None:
                 batcher.infer([item_ids(marker, 4) for marker in range(100, 200)], deadline())
             )
             await let_tasks_run()
-            small = [
-                asyncio.create_task(batcher.infer([item_ids(marker, 4)], deadline())) for marker in (1, 2, 3)
-            ]
+            small = one_item_requests(batcher, dict.fromkeys((1, 2, 3), 4))
             await let_tasks_run()
             assert batcher.queued_items == 103
             runtime.gate.set()
@@ -519,10 +519,7 @@ def test_batches_keep_running_while_the_event_loop_is_blocked() -> None:
         runtime = FakeRuntime()
         async with started(runtime, limits(max_batch_size=2)) as batcher:
             first = await hold_runtime(batcher, runtime)
-            queued = [
-                asyncio.create_task(batcher.infer([item_ids(marker, 4)], deadline()))
-                for marker in range(100, 106)
-            ]
+            queued = one_item_requests(batcher, dict.fromkeys(range(100, 106), 4))
             await let_tasks_run()
             runtime.gate.set()
             # Blocks the event loop's thread until the held run and three batches of two have started.
