@@ -160,6 +160,27 @@ def test_queued_items_flush_in_full_batches_and_return_in_input_order() -> None:
     run(scenario)
 
 
+def test_a_requests_items_wait_shortest_first() -> None:
+    """A batch sees only a request's share of its items (here all 4 of a batch): taken shortest first,
+    a request of mixed lengths runs in batches of similar lengths, not padded to its longest each time."""
+
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        async with started(runtime, limits(max_batch_size=4)) as batcher:
+            first = await hold_runtime(batcher, runtime)
+            lengths = [5, 50, 6, 48, 7, 49, 8, 47]
+            mixed = asyncio.create_task(
+                batcher.infer([item_ids(marker, length) for marker, length in enumerate(lengths)], deadline())
+            )
+            await let_tasks_run()
+            runtime.gate.set()
+            await first
+            assert markers(await mixed) == list(range(8))  # answered in input order all the same
+        assert [sorted(batch) for batch in runtime.batches[1:]] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+    run(scenario)
+
+
 def test_token_budget_caps_padded_tokens_per_batch() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()

@@ -3,6 +3,7 @@ and in-process (TestClient) checks of failures that a real bundle cannot produce
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ from service.middleware import OPEN_PATHS
 from service.responses import render_json
 from service.routes import service_state
 from service.settings import CPU_BATCH_LIMITS, CUDA_BATCH_LIMITS, Settings, SettingsError, settings_from
+from service.tokenization import NUMPY_BOUND_FROM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,6 +190,9 @@ def test_the_tokenizer_sees_at_most_max_chars_and_the_used_tokens_do_not_change(
     assert encoded.truncated == [True, False, True]
     # The admission estimate before tokenising: no more than max_seq_len, nor one per character + 2.
     assert tokenizer.token_bound(texts) == max_seq_len + len("a cat") + 2 + max_seq_len
+    # From NUMPY_BOUND_FROM texts the bound is summed in numpy: the same sum.
+    many = [words * (index % 3) + "a cat" for index in range(NUMPY_BOUND_FROM + 8)]
+    assert tokenizer.token_bound(many) == sum(min(max_seq_len, len(text) + 2) for text in many)
     # A pair has three special tokens; token IDs are as many as they are.
     assert tokenizer.token_bound([("a", "bc"), [5, 6, 7]]) == (1 + 2 + 3) + 3
     # Cutting on the left keeps the end of the text, characters first and then tokens.
@@ -358,3 +363,27 @@ def test_the_direct_path_refuses_on_the_input_count_before_validating(tiny_bundl
         metrics = client.get("/metrics").text
     assert measured == [4, 3, 0, 4, 9]
     assert 'encoder_rejected_total{model="tiny",reason="queue_full"} 3.0' in metrics
+
+
+def test_the_early_refusal_measures_texts_as_admission_does(tiny_bundle: Path) -> None:
+    """With the real queue: room held by an admitted request leaves space for three more inputs and 40
+    tokens; a request is refused (429, before validation) exactly when admission would refuse it (a text
+    counts at most max_seq_len, 32 here, or its characters + 2)."""
+    settings = Settings(bundle=tiny_bundle, max_client_batch=8, max_queue_items=100, max_queue_tokens=1000)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        batcher = app.state.service.registry.get(None).batcher
+        with batcher.admit(items=97, tokens=960):  # a request being tokenised
+            four = client.post("/embed", json={"inputs": ["a cat"] * 4, "normalize": "yes"})
+            assert four.status_code == 429 and four.json()["error_type"] == "Overloaded"
+            long = client.post("/embed", json={"inputs": ["x" * 30] * 2, "normalize": "yes"})  # 64 tokens
+            assert long.status_code == 429
+            assert client.post("/embed", json={"inputs": ["a cat"] * 3}).status_code == 200  # 21 tokens
+            assert client.post("/embed", json={"inputs": ["x" * 17] * 2}).status_code == 200  # 38 tokens
+        assert client.post("/embed", json={"inputs": ["a cat"] * 4}).status_code == 200
+
+
+def test_the_start_up_heap_is_frozen_for_the_collector(tiny_bundle: Path) -> None:
+    gc.unfreeze()  # what earlier apps of this test session froze
+    with TestClient(create_app(Settings(bundle=tiny_bundle))):
+        assert gc.get_freeze_count() > 0
