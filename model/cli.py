@@ -219,9 +219,10 @@ def register(subparsers: Any) -> None:
     rerank = finetune_kinds.add_parser(
         "rerank",
         help="a cross-encoder: relevance of [CLS] query [SEP] passage [SEP] from one logit",
-        description="Fine-tune the init RUN's encoder with a one-logit head on pair-encoded (query, "
-        "passage) inputs. Each query is scored against its positive, its negative (the row's own, else "
-        "one mined with BM25) and other rows' positives in the batch.",
+        description="Train a cross-encoder on the init RUN's encoder: its layers read each text on "
+        "its own (so it starts as the init's bi-encoder), one more block reads the pair together. Each "
+        "query is scored against its positive, its negative (the row's own, else a mined one) and "
+        "other rows' positives in the batch.",
     )
     rerank.add_argument("--init", required=True, type=Path, help="RUN to start from (pretrain or embed)")
     rerank.add_argument(
@@ -236,7 +237,18 @@ def register(subparsers: Any) -> None:
         help="other rows' positives scored against each query (default 3)",
     )
     rerank.add_argument(
-        "--no-mining", action="store_true", help="no BM25-mined negatives: rows' own and in-batch only"
+        "--negatives",
+        choices=["first-stage", "bm25", "none"],
+        help="where hard negatives come from: first-stage (the default from an embed run) draws 3 from the "
+        "init's top 50 passages by its own embedding, the first stage the reranker will rerank, and "
+        "trains only on rows whose positive is there; bm25 (the default from a pretrain run) mines one "
+        "for each row without a negative; none uses rows' own and in-batch ones only",
+    )
+    rerank.add_argument(
+        "--train-encoder",
+        action=argparse.BooleanOptionalAction,
+        help="fine-tune the encoder's layers too (default: only from a pretrain run; from an embed run "
+        "they stay frozen and keep the bi-encoder's similarity)",
     )
     _add_common_training(rerank)
     _add_limit(rerank)
@@ -492,7 +504,8 @@ def run_finetune_rerank(args: argparse.Namespace) -> dict[str, Any]:
         out=args.out,
         epochs=args.epochs,
         in_batch_negatives=args.in_batch_negatives,
-        mine_negatives=not args.no_mining,
+        negatives=args.negatives,
+        train_encoder=args.train_encoder,
         **_fine_tune_options(args),
     )
     return finetune_rerank(options)

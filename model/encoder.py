@@ -89,6 +89,10 @@ class ScaledSinusoidalPositions(nn.Module):
     def forward(self, T: int) -> torch.Tensor:
         return self.table[:T] * self.scale  # (T, C)
 
+    def at(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of given positions: (B, T) -> (B, T, C)."""
+        return self.table[position_ids] * self.scale
+
 
 class LearnedPositions(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
@@ -98,6 +102,10 @@ class LearnedPositions(nn.Module):
     def forward(self, T: int) -> torch.Tensor:
         return self.weight[:T]  # (T, C)
 
+    def at(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of given positions: (B, T) -> (B, T, C)."""
+        return self.weight[position_ids]
+
 
 class Encoder(nn.Module):
     """input_ids (B, T), attention_mask (B, T) -> hidden states (B, T, C) after a final LayerNorm."""
@@ -106,7 +114,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb: nn.Module = (
+        self.pos_emb: LearnedPositions | ScaledSinusoidalPositions = (
             LearnedPositions(config) if config.position == "learned" else ScaledSinusoidalPositions(config)
         )
         self.emb_dropout = nn.Dropout(config.dropout)

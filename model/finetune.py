@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.cross_encoder import CrossEncoder
 from model.data import DataError, TokenizedTexts, read_jsonl, read_text_lines
 from model.encoder import Encoder, InferenceModule, mean_pool, optimizer_groups, set_dropout
 from model.errors import ModelError
 from model.evaluate import INFERENCE_BATCH, infer, read_classification_rows, score_classifier
 from model.lexical import LexicalHead, LexicalSketch, hybrid_embedding, inverse_document_frequencies
 from model.metrics import retrieval_metrics
-from model.negatives import mine_bm25_negatives
+from model.negatives import first_stage_negatives, mine_bm25_negatives
 from model.rerank import RerankTask
 from model.run import METRICS_FILE, LoadedRun, load_run, save_run
 from model.teacher import Teacher, default_cache_dir, open_cache
@@ -130,7 +131,13 @@ class RerankOptions:
     out: Path
     epochs: float = 1.0
     in_batch_negatives: int = 3  # other rows' positives scored against each query, besides its hard one
-    mine_negatives: bool = True  # a BM25 hard negative for every pair that has none
+    # Where hard negatives come from: "first-stage" (the init's top passages by its own embedding, the
+    # first stage an embed run's reranker reranks; only rows whose positive is there are trained on),
+    # "bm25" (one for each pair without a negative) or "none"; default first-stage from an embed run.
+    negatives: str | None = None
+    # Fine-tune the encoder's layers too; default only from a pretrain run. From an embed run they stay
+    # frozen, so the reranker keeps the bi-encoder's similarity and learns what the pair block adds.
+    train_encoder: bool | None = None
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -144,6 +151,9 @@ class RerankOptions:
 
 DEFAULT_EMBED_LR = 5e-4
 DEFAULT_RERANK_LR = 3e-4
+NEGATIVE_SOURCES = ("first-stage", "bm25", "none")
+FIRST_STAGE_DEPTH = 50  # a reranker of an embed run learns on its top 50, what `eval rerank` reranks
+FIRST_STAGE_NEGATIVES = 3  # negatives per query drawn from there
 DEFAULT_CLASSIFY_LR = 5e-4
 DEFAULT_HEAD_LR = 3e-3  # a linear head on frozen features
 SPECIAL_IDS = list(range(len(SPECIAL_TOKENS)))
@@ -789,9 +799,9 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
 
 
 def finetune_rerank(options: RerankOptions) -> dict[str, Any]:
-    """The init RUN's encoder plus a one-logit head, trained as a cross-encoder on (query, positive
-    [, negative]) pairs; a pair without a negative gets a BM25-mined one (unless mine_negatives is off)
-    and every query also meets in-batch negatives."""
+    """The init RUN's encoder as a cross-encoder (model/cross_encoder.py: it starts as the init's
+    bi-encoder, lexical sketch included), trained on (query, positive[, negative]) pairs; a pair without
+    a negative gets a mined one (`negatives`) and every query also meets in-batch negatives."""
     run, device, started = _prepare(options)
     if options.in_batch_negatives < 0:
         raise ModelError(f"in_batch_negatives must be 0 or more, not {options.in_batch_negatives}")
@@ -803,25 +813,46 @@ def finetune_rerank(options: RerankOptions) -> dict[str, Any]:
     if batch_size < 2 and options.in_batch_negatives:
         raise ModelError("in-batch negatives need a batch of at least 2 queries")
     planned = math.ceil(options.epochs * max(1, len(pairs.queries) // batch_size))
+    negatives_from = options.negatives or ("first-stage" if run.kind == "embed" else "bm25")
+    if negatives_from not in NEGATIVE_SOURCES:
+        raise ModelError(f"negatives must be one of {', '.join(NEGATIVE_SOURCES)}, not {negatives_from!r}")
+    hard: list[list[str]] = [[] if negative is None else [negative] for negative in pairs.negatives]
     mined = 0
-    if options.mine_negatives:
+    if negatives_from == "bm25":
         steps = planned if options.max_steps is None else min(planned, options.max_steps)
         rows = len(pairs.queries)
         visited = {row for step in range(steps) for row in batch_rows(rows, batch_size, options.seed, step)}
         negatives, mined = mine_bm25_negatives(
             pairs.queries, pairs.positives, pairs.negatives, options.seed, rows=visited
         )
-        pairs = Pairs(pairs.queries, pairs.positives, negatives, simcse=False)
-    encoder = run.build_encoder().to(device)
-    head = nn.Linear(run.config.n_embd, 1).to(device)
-    nn.init.normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
-    module = InferenceModule(encoder, head)
+        hard = [[] if negative is None else [negative] for negative in negatives]
+    elif negatives_from == "first-stage":
+        first_stage = run.inference_module().to(device)
+        kept, found = first_stage_negatives(
+            lambda texts, desc: infer(first_stage, tokenizer, texts, device, desc=desc)[0],
+            pairs.queries,
+            pairs.positives,
+            options.seed,
+            depth=FIRST_STAGE_DEPTH,
+            count=FIRST_STAGE_NEGATIVES,
+        )
+        if len(kept) < batch_size:
+            raise DataError(
+                f"{options.train}: the init's embedding ranks only {len(kept)} positives in its top "
+                f"{FIRST_STAGE_DEPTH}; give --negatives bm25"
+            )
+        pairs = pairs.select(kept)
+        hard = [[*hard[row], *negatives] for row, negatives in zip(kept, found, strict=True)]
+        mined = sum(len(negatives) for negatives in found)
+        planned = math.ceil(options.epochs * max(1, len(kept) // batch_size))
+    train_encoder = run.kind != "embed" if options.train_encoder is None else options.train_encoder
+    module = CrossEncoder(run.build_encoder(), run.build_sketch(), run.sketch_weight).to(device)
+    module.encoder.requires_grad_(train_encoder)
     module.train()
     task = RerankTask(
         pairs.queries,
         pairs.positives,
-        pairs.negatives,
+        hard,
         tokenizer,
         module,
         device,
@@ -830,19 +861,24 @@ def finetune_rerank(options: RerankOptions) -> dict[str, Any]:
         options.seed,
         run.config.max_seq_len,
     )
+    task.calibrate()
     summary = _train(
         "finetune rerank", module, task.loss, planned, options, options.lr or DEFAULT_RERANK_LR, started
     )
     summary.update(
         kind="rerank",
         pairs=len(task),
-        hard_negatives=sum(negative is not None for negative in pairs.negatives),
+        hard_negatives=sum(len(negatives) for negatives in hard),
         mined_negatives=mined,
+        negatives_from=negatives_from,
+        trained_encoder=train_encoder,
         in_batch_negatives=options.in_batch_negatives,
         batch_size=batch_size,
     )
-    weights = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
-    weights.update({f"reranker.{k}": v for k, v in head.state_dict().items()})
+    weights = {
+        (key if key.startswith("encoder.") else f"reranker.{key}"): value
+        for key, value in module.state_dict().items()
+    }
     save_run(
         options.out,
         kind="rerank",

@@ -1,4 +1,5 @@
-"""Hard negatives for contrastive fine-tuning, mined with BM25 (the `bm25s` library).
+"""Hard negatives, mined with BM25 (the `bm25s` library) for contrastive fine-tuning, or by a first
+stage's embedding for a reranker of that first stage.
 
 In-batch negatives are mostly easy (random documents share nothing with the query); a document that
 BM25 ranks high for the query but is not its positive shares words with it and teaches the encoder to
@@ -7,8 +8,11 @@ documents), so the negative is drawn at random from ranks `skip` to `depth`, not
 """
 
 import random
+from collections.abc import Callable
 
 import bm25s
+import torch
+import torch.nn.functional as F
 
 
 def mine_bm25_negatives(
@@ -50,3 +54,42 @@ def mine_bm25_negatives(
             filled[row] = rng.choice(candidates)
             mined += 1
     return filled, mined
+
+
+def first_stage_negatives(
+    embed: Callable[[list[str], str], torch.Tensor],
+    queries: list[str],
+    positives: list[str],
+    seed: int,
+    depth: int,
+    count: int,
+) -> tuple[list[int], list[list[str]]]:
+    """Negatives for a reranker of a first stage (`embed(texts, desc)` -> (N, C), the first stage's
+    embedding), as it will see them: each query's top `depth` passages by cosine among all the
+    positives. Only rows whose positive is there are kept: the reranker never sees the others, and
+    training on them teaches it that what the first stage ranks high is wrong. A positive of any row
+    with the same query is relevant too, so it is never a negative.
+
+    -> (the rows kept, `count` negatives drawn from each kept row's top `depth`)."""
+    documents = list(dict.fromkeys(positives))  # distinct documents, first-seen order
+    place = {document: index for index, document in enumerate(documents)}
+    distinct_queries = list(dict.fromkeys(queries))
+    relevant: dict[str, set[int]] = {}
+    for query, positive in zip(queries, positives, strict=True):
+        relevant.setdefault(query, set()).add(place[positive])
+    document_vectors = F.normalize(embed(documents, "first stage: passages"), dim=1)
+    query_vectors = F.normalize(embed(distinct_queries, "first stage: queries"), dim=1)
+    k = min(depth, len(documents))
+    top: dict[str, list[int]] = {}
+    for start in range(0, len(distinct_queries), 1024):
+        nearest = (query_vectors[start : start + 1024] @ document_vectors.T).topk(k, dim=1).indices.tolist()
+        top.update(zip(distinct_queries[start : start + 1024], nearest, strict=True))
+    rng = random.Random(seed)
+    kept, negatives = [], []
+    for row, (query, positive) in enumerate(zip(queries, positives, strict=True)):
+        if place[positive] not in top[query]:
+            continue
+        others = [documents[i] for i in top[query] if i not in relevant[query]]
+        kept.append(row)
+        negatives.append(rng.sample(others, min(count, len(others))))
+    return kept, negatives

@@ -1,14 +1,15 @@
 """The encoder as a cross-encoder: pair encoding, the training loss of `encoder finetune rerank`
 (model/finetune.py drives it through the one TrainLoop) and `encoder eval rerank`.
 
-A cross-encoder reads a query and a passage together, `[CLS] query [SEP] passage [SEP]`, and a
-one-logit head on the mean-pooled pair scores their relevance: every layer can compare the two texts,
-which a bi-encoder (one vector per text) cannot. It is too slow to search a corpus with, so it reranks
-the top candidates of a first stage (BM25 or the bi-encoder).
+A cross-encoder reads a query and a passage together, `[CLS] query [SEP] passage [SEP]`, and scores
+their relevance with one logit (model/cross_encoder.py: the bi-encoder's similarity of the two texts,
+plus what a block that reads them together adds), which a bi-encoder (one vector per text) cannot
+compute. It is too slow to search a corpus with, so it reranks the top candidates of a first stage
+(BM25 or the bi-encoder).
 
-The encoder has no token-type embeddings: the [SEP] between the two texts, and their positions, tell
-them apart. These are the ids the tokenizer's pair template writes (model/tokenizer.py), which is what
-the service sends the exported graph. A long pair is cut from the passage's end, never the query's.
+The encoder has no token-type embeddings: the graph finds the two texts by the [SEP] between them.
+These are the ids the tokenizer's pair template writes (model/tokenizer.py), which is what the service
+sends the exported graph. A long pair is cut from the passage's end, never the query's.
 """
 
 import sys
@@ -23,7 +24,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from bundle.contract import pad_to_longest
-from model.encoder import InferenceModule
+from model.cross_encoder import SIMILARITY_SCALE, CrossEncoder
 from model.errors import ModelError
 from model.evaluate import INFERENCE_BATCH, infer, read_retrieval_data
 from model.metrics import ranking_metrics
@@ -33,6 +34,7 @@ from model.training import StepResult, batch_rows
 
 LENGTH_CHUNK = 32  # pairs per forward pass in training, length-sorted (less padding)
 DEFAULT_DEPTH = 50  # first-stage candidates reranked per query
+CALIBRATION_BATCHES = 8  # batches the scale and offset are fitted on before training
 
 
 def text_ids(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -50,7 +52,7 @@ def encode_pair(query_ids: list[int], passage_ids: list[int], max_seq_len: int) 
 
 
 def pair_logits(
-    module: InferenceModule, pairs: list[list[int]], device: torch.device, chunk: int
+    module: CrossEncoder, pairs: list[list[int]], device: torch.device, chunk: int
 ) -> torch.Tensor:
     """The relevance logit of each pair-encoded input (N,), in order. Pairs run in length-sorted chunks,
     each padded only to its own longest; attention never sees padding, so the result is the same."""
@@ -65,9 +67,9 @@ def pair_logits(
 
 
 class RerankTask:
-    """(query, positive[, negative]) rows, tokenised once; `loss(step)` scores each query of batch `step`
-    against its positive, its hard negative (given or BM25-mined) and `in_batch_negatives` positives of
-    other rows of the batch.
+    """(query, positive, hard negatives) rows, tokenised once; `loss(step)` scores each query of batch
+    `step` against its positive, its hard negatives (given or mined) and `in_batch_negatives` positives
+    of other rows of the batch.
 
     The loss is listwise, softmax cross-entropy with the positive as the target among the query's
     candidates (what ranks), plus pointwise binary cross-entropy of every pair against its label (what
@@ -77,9 +79,9 @@ class RerankTask:
         self,
         queries: list[str],
         positives: list[str],
-        negatives: list[str | None],
+        negatives: list[list[str]],
         tokenizer: Tokenizer,
-        module: InferenceModule,
+        module: CrossEncoder,
         device: torch.device,
         batch_size: int,
         in_batch_negatives: int,
@@ -88,12 +90,12 @@ class RerankTask:
     ) -> None:
         self.module, self.device, self.batch_size, self.seed = module, device, batch_size, seed
         self.in_batch_negatives, self.max_seq_len = in_batch_negatives, max_seq_len
-        texts = list(dict.fromkeys([*queries, *positives, *(n for n in negatives if n is not None)]))
+        texts = list(dict.fromkeys([*queries, *positives, *(n for row in negatives for n in row)]))
         position = {text: index for index, text in enumerate(texts)}
         self.ids = text_ids(tokenizer, texts)
         self.queries = [position[text] for text in queries]
         self.positives = [position[text] for text in positives]
-        self.negatives = [None if text is None else position[text] for text in negatives]
+        self.negatives = [[position[text] for text in row] for row in negatives]
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -105,9 +107,7 @@ class RerankTask:
         groups = []
         for place, row in enumerate(rows):
             group = [self.positives[row]]
-            negative = self.negatives[row]
-            if negative is not None and negative != group[0]:
-                group.append(negative)
+            group.extend(negative for negative in dict.fromkeys(self.negatives[row]) if negative != group[0])
             wanted = len(group) + self.in_batch_negatives
             for offset in range(1, len(rows)):
                 if len(group) == wanted:
@@ -119,7 +119,9 @@ class RerankTask:
             groups.append(group)
         return groups
 
-    def loss(self, step: int) -> StepResult:
+    def batch_logits(self, step: int) -> tuple[torch.Tensor, list[list[int]], int]:
+        """The logits of batch `step`'s pairs (N,), group after group, each group's positive first; the
+        groups; the batch's tokens."""
         rows = batch_rows(len(self), self.batch_size, self.seed, step)
         groups = self.candidates(rows)
         pairs = [
@@ -127,19 +129,59 @@ class RerankTask:
             for row, group in zip(rows, groups, strict=True)
             for passage in group
         ]
-        logits = pair_logits(self.module, pairs, self.device, LENGTH_CHUNK)
-        width = max(len(group) for group in groups)
-        scores = torch.full((len(rows), width), float("-inf"), device=self.device)
-        labels = torch.zeros(len(pairs), device=self.device)
-        flat = 0
-        for place, group in enumerate(groups):
-            scores[place, : len(group)] = logits[flat : flat + len(group)]
-            labels[flat] = 1.0  # the positive comes first in every group
-            flat += len(group)
-        listwise = F.cross_entropy(scores, torch.zeros(len(rows), dtype=torch.long, device=self.device))
-        pointwise = F.binary_cross_entropy_with_logits(logits, labels)
+        tokens = sum(len(pair) for pair in pairs)
+        return pair_logits(self.module, pairs, self.device, LENGTH_CHUNK), groups, tokens
+
+    def calibrate(self, batches: int = CALIBRATION_BATCHES) -> None:
+        """Fit the cross-encoder's scale and offset to the loss on the first `batches` batches, before
+        training. While the head is zero the logits are scale * (similarity - offset), and the
+        bi-encoder's similarity comes with the contrastive fine-tune's scale, far too confident on
+        hard negatives; two scalars move too slowly at the training's learning rate for the head not
+        to spend its first steps making up for them."""
+        module = self.module
+        with torch.no_grad():
+            module.scale.fill_(1.0)
+            module.offset.zero_()
+            seen = [self.batch_logits(step)[:2] for step in range(batches)]  # the similarities
+        scale = torch.tensor(SIMILARITY_SCALE, requires_grad=True)
+        offset = torch.zeros((), requires_grad=True)
+        optimizer = torch.optim.LBFGS([scale, offset], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            total = torch.zeros(())
+            for similarity, groups in seen:
+                listwise, pointwise = group_losses(scale * (similarity.cpu() - offset), groups)
+                total = total + listwise + pointwise
+            total.backward()
+            return total
+
+        optimizer.step(closure)  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            module.scale.fill_(float(scale))
+            module.offset.fill_(float(offset))
+
+    def loss(self, step: int) -> StepResult:
+        logits, groups, tokens = self.batch_logits(step)
+        listwise, pointwise = group_losses(logits, groups)
         logs = {"listwise_loss": listwise.item(), "pointwise_loss": pointwise.item()}
-        return StepResult(listwise + pointwise, sum(len(pair) for pair in pairs), logs)
+        return StepResult(listwise + pointwise, tokens, logs)
+
+
+def group_losses(logits: torch.Tensor, groups: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(listwise, pointwise) losses of the logits of groups of pairs laid out one after the other, each
+    group's positive first: softmax cross-entropy of the positive among its group, and binary
+    cross-entropy of every pair against its label."""
+    width = max(len(group) for group in groups)
+    scores = torch.full((len(groups), width), float("-inf"), device=logits.device)
+    labels = torch.zeros(len(logits), device=logits.device)
+    flat = 0
+    for place, group in enumerate(groups):
+        scores[place, : len(group)] = logits[flat : flat + len(group)]
+        labels[flat] = 1.0
+        flat += len(group)
+    listwise = F.cross_entropy(scores, torch.zeros(len(groups), dtype=torch.long, device=logits.device))
+    return listwise, F.binary_cross_entropy_with_logits(logits, labels)
 
 
 def bm25_candidates(queries: list[str], documents: list[str], depth: int) -> list[list[int]]:
@@ -175,7 +217,7 @@ def embedding_candidates(
 
 @torch.no_grad()
 def rerank_candidates(
-    module: InferenceModule,
+    module: CrossEncoder,
     tokenizer: Tokenizer,
     max_seq_len: int,
     queries: list[str],
@@ -222,7 +264,7 @@ def evaluate_rerank(
     started = time.perf_counter()
     tokenizer = load_tokenizer(run.tokenizer_path)
     reranked = rerank_candidates(
-        run.inference_module(), tokenizer, run.config.max_seq_len, queries, data.doc_texts, candidates
+        run.build_reranker().eval(), tokenizer, run.config.max_seq_len, queries, data.doc_texts, candidates
     )
     seconds = time.perf_counter() - started
 

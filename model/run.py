@@ -2,8 +2,8 @@
 
 <run>/
   model.safetensors   weights: "encoder.*", plus "classifier.*" and optionally "lexical.*" (classify
-                      runs), "reranker.*" (the one-logit relevance head of rerank runs), "sketch.*"
-                      (the lexical channel of embed runs and their children),
+                      runs), "reranker.*" (the cross-encoder's pair block, head and lexical sketch:
+                      rerank runs), "sketch.*" (the lexical channel of embed runs and their children),
                       "projection.*" (a student distilled into its teacher's space) or the
                       pretraining heads (pretrain runs)
   config.json         EncoderConfig as a dict + architecture name and parameter count
@@ -27,6 +27,7 @@ from torch import nn
 
 from bundle.contract import TOKENIZER_FILE  # the same file, copied into the bundle at export
 from model.config import EncoderConfig
+from model.cross_encoder import CrossEncoder, cross_encoder_from_state
 from model.encoder import Encoder, InferenceModule
 from model.errors import ModelError
 from model.lexical import LexicalHead, LexicalSketch
@@ -82,18 +83,15 @@ class LoadedRun:
             ) from None
         return classifier
 
-    def build_reranker(self) -> nn.Linear | None:
-        """The relevance head of a rerank run ("reranker.*"): pooled pair -> one logit."""
-        if self.kind != "rerank":
-            return None
-        head = nn.Linear(self.config.n_embd, 1)
+    def build_reranker(self) -> CrossEncoder:
+        """The cross-encoder of a rerank run: the encoder plus "reranker.*" (model/cross_encoder.py)."""
         try:
-            head.load_state_dict(_prefixed(self.weights, "reranker."))
-        except RuntimeError as exc:
+            return cross_encoder_from_state(self.build_encoder(), _prefixed(self.weights, "reranker."))
+        except (RuntimeError, KeyError) as exc:
             raise ModelError(
-                f"{self.path / WEIGHTS_FILE}: rerank head missing or malformed ({exc})"
+                f"{self.path / WEIGHTS_FILE}: rerank head missing or malformed ({exc}); a rerank run "
+                "from before the two-stage cross-encoder must be trained again"
             ) from None
-        return head
 
     def build_lexical(self) -> LexicalHead | None:
         """The lexical (wide) head of a classify run that has one ("lexical.*" weights)."""
@@ -137,7 +135,7 @@ class LoadedRun:
         weight = self.weights.get("projection.weight")
         return self.config.n_embd + self.sketch_dim if weight is None else int(weight.shape[0])
 
-    def inference_module(self) -> InferenceModule:
+    def inference_module(self) -> InferenceModule | CrossEncoder:
         """eval-mode module: (input_ids, attention_mask) -> (embedding,) or (embedding, logits).
 
         embedding (B, embedding_dim) float32: the masked-mean pooled vector, not normalised, or with a
@@ -145,9 +143,11 @@ class LoadedRun:
         (B, labels) or a rerank head (B, 1: the relevance of a pair-encoded input); finite for rows whose
         attention_mask is all zeros.
         """
+        if self.kind == "rerank":
+            return self.build_reranker().eval()
         return InferenceModule(
             self.build_encoder(),
-            self.build_classifier() or self.build_reranker(),
+            self.build_classifier(),
             self.build_lexical(),
             self.build_sketch(),
             self.sketch_weight,

@@ -48,11 +48,12 @@ def _tiny_corpus(path: Path, sentences: int = 400) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
-    """An embed RUN, a classify RUN (frozen encoder + 3-label head) and a rerank RUN (encoder + one-logit
-    head) with random weights, via model/."""
+    """An embed RUN, a classify RUN (frozen encoder + 3-label head) and a rerank RUN (a cross-encoder
+    with a random head) with random weights, via model/."""
     import torch
 
     from model.config import EncoderConfig
+    from model.cross_encoder import CrossEncoder
     from model.encoder import Encoder
     from model.run import save_run
     from model.tokenizer import train_tokenizer
@@ -94,16 +95,22 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
         parent=embed_run,
         summary={"note": "random weights, test fixture"},
     )
-    reranker = torch.nn.Linear(config.n_embd, 1)
-    # A bias far from 0 would squash every sigmoid score to the same end; the random encoder's pooled
-    # vectors differ enough between pairs to order them.
-    torch.nn.init.normal_(reranker.weight, std=1.0)
-    torch.nn.init.zeros_(reranker.bias)
+    reranker = CrossEncoder(Encoder(config))
+    reranker.encoder.load_state_dict(
+        {key.removeprefix("encoder."): value for key, value in encoder_weights.items()}
+    )
+    # The head starts at zero in training; a random one here makes the pair block count in the scores.
+    # A bias far from 0 would squash every sigmoid score to the same end.
+    torch.nn.init.normal_(reranker.head.weight, std=1.0)
+    reranker_weights = {
+        (key if key.startswith("encoder.") else f"reranker.{key}"): value
+        for key, value in reranker.state_dict().items()
+    }
     rerank_run = save_run(
         root / "rerank",
         kind="rerank",
         config=config,
-        weights=encoder_weights | {f"reranker.{key}": value for key, value in reranker.state_dict().items()},
+        weights=reranker_weights,
         tokenizer_path=tokenizer_path,
         parent=embed_run,
         summary={"note": "random weights, test fixture"},

@@ -1,5 +1,6 @@
 """The training objectives on tiny tensors: ELECTRA's replaced-token labels and loss masking, the
-contrastive loss in both directions, BM25 negative mining, seeded batches and the shared loop."""
+contrastive loss in both directions, BM25 and first-stage negative mining, seeded batches and the
+shared loop."""
 
 import math
 
@@ -15,7 +16,7 @@ from model.electra import (
     replaced_token_loss,
 )
 from model.finetune import class_weights, contrastive_loss
-from model.negatives import mine_bm25_negatives
+from model.negatives import first_stage_negatives, mine_bm25_negatives
 from model.tokenizer import MASK_ID, SPECIAL_TOKENS
 from model.training import LoopState, Schedule, StepResult, TrainLoop, batch_rows
 
@@ -113,6 +114,24 @@ def test_bm25_negatives_share_words_and_never_repeat_the_positive() -> None:
     assert negatives[4] == "a bread baked in an oven"
     only_first, mined = mine_bm25_negatives(queries, positives, given, seed=0, skip=0, depth=6, rows={0})
     assert mined == 1 and only_first[0] == "a small domestic cat" and only_first[1:] == given[1:]
+
+
+def test_first_stage_negatives_come_from_its_top_and_only_where_it_finds_the_positive() -> None:
+    # A made-up first stage: texts are points on a line; a query's nearest passages are its neighbours.
+    points = {f"p{i}": float(i) for i in range(10)} | {f"x{i}": i + 0.1 for i in range(10)}
+    points |= {"q0": 0.1, "q0 again": 0.2, "q9": 9.1}
+
+    def embed(texts: list[str], desc: str) -> torch.Tensor:
+        return torch.tensor([[math.cos(points[t] / 5), math.sin(points[t] / 5)] for t in texts])
+
+    # The passages are the positives: p0-p5 and p9. q9's positive p2 is far from q9, and p9 from "q0 again".
+    queries = ["q0", "q0", "q9", "q0 again", "x3", "x4", "x5"]
+    positives = ["p0", "p1", "p2", "p9", "p3", "p4", "p5"]
+    kept, negatives = first_stage_negatives(embed, queries, positives, seed=0, depth=3, count=2)
+    assert kept == [0, 1, 4, 5, 6]
+    # q0's top 3 are p0, p1 and p2; p0 and p1 are both its positives, so only p2 is a negative.
+    assert negatives[:2] == [["p2"], ["p2"]]
+    assert sorted(negatives[2]) == ["p2", "p4"] and sorted(negatives[3]) == ["p3", "p5"]
 
 
 def test_batch_rows_are_distinct_within_a_batch_and_seeded() -> None:

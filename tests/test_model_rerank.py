@@ -89,7 +89,7 @@ def test_the_loss_wants_the_positive_first(tiny_runs: Any, sign: float) -> None:
     task = RerankTask(
         [row["query"] for row in rows],
         [row["positive"] for row in rows],
-        [row["negative"] for row in rows],
+        [[row["negative"]] for row in rows],
         Tokenizer.from_file(str(tiny_runs.tokenizer)),
         Oracle(sign),  # type: ignore[arg-type]
         torch.device("cpu"),
@@ -103,7 +103,7 @@ def test_the_loss_wants_the_positive_first(tiny_runs: Any, sign: float) -> None:
     assert all(
         len(group) == 5 and group[0] == task.positives[row] for row, group in zip(batch, groups, strict=True)
     )
-    assert all(group[1] == task.negatives[row] for row, group in zip(batch, groups, strict=True))
+    assert all(group[1:2] == task.negatives[row] for row, group in zip(batch, groups, strict=True))
     assert task.positives[0] not in groups[7]  # another "garden" row's positive is relevant, not a negative
     loss = task.loss(0).loss.item()
     if sign > 0:
