@@ -101,16 +101,16 @@ model: $(BIN)/encoder system-deps
 	$(BIN)/encoder export --model $(MODEL_RUNS)/classify --name default --variants fp32,int8 --fuse \
 		--eval $(MODEL_RUNS)/data/classify_test.jsonl --out $(BUNDLE) --force
 
-# A reranker (cross-encoder) on the same pretrained encoder: `make model` first (it leaves the data and
-# the pretraining run in $(MODEL_RUNS)), then RERANK_STEPS fine-tuning steps of 16 queries, each
-# against its positive, a BM25-mined negative and the batch's other positives, exported to
-# $(RERANKER) (the int8 gate: MRR@10 among each query's own and the next rows' positives). Serve it
-# next to the default model: `encoder serve --bundle default=bundles/default --bundle reranker=bundles/reranker`.
+# A reranker (cross-encoder) of the default model's bi-encoder: `make model` first (it leaves the data
+# and the embed run in $(MODEL_RUNS)), then RERANK_STEPS fine-tuning steps of 16 queries, each against
+# its positive, 3 negatives from the bi-encoder's own top 50 and 3 of the batch's other positives,
+# exported to $(RERANKER) (the int8 gate: MRR@10 among each query's own and the next rows' positives).
+# Serve it next to the default model: `encoder serve --bundle default=bundles/default --bundle reranker=bundles/reranker`.
 RERANKER ?= bundles/reranker
-RERANK_STEPS ?= 400
+RERANK_STEPS ?= 1200
 reranker: $(BIN)/encoder
-	@test -f $(MODEL_RUNS)/pretrain/run.json || $(MAKE) model
-	$(BIN)/encoder finetune rerank --init $(MODEL_RUNS)/pretrain --train $(MODEL_RUNS)/data/pairs_train.jsonl \
+	@test -f $(MODEL_RUNS)/embed/run.json || $(MAKE) model
+	$(BIN)/encoder finetune rerank --init $(MODEL_RUNS)/embed --train $(MODEL_RUNS)/data/pairs_train.jsonl \
 		--max-steps $(RERANK_STEPS) --batch-size 16 --seed $(SEED) --out $(MODEL_RUNS)/rerank
 	$(BIN)/encoder export --model $(MODEL_RUNS)/rerank --name reranker --variants fp32,int8 --fuse \
 		--eval $(MODEL_RUNS)/data/pairs_train.jsonl --out $(RERANKER) --force

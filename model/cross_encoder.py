@@ -10,11 +10,12 @@ pair in two stages, as PreTTR does (MacAvaney et al. 2020):
 2. One more block, a copy of the encoder's last one, reads the pair together: every passage token
    can attend to every query token. A linear head on its pooled output adds to the score.
 
-logit = scale * (bi-encoder cosine - offset) + head(pooled pair). The head starts at zero, so before
-training the reranker orders candidates exactly as the bi-encoder does, and fine-tuning only has to
-learn what the interactions add. `scale` and `offset` are fitted to the training loss on the first
-batches (model/rerank.py), so that sigmoid(logit), the served score, starts as a calibrated
-probability.
+logit = scale * (bi-encoder cosine - offset) + maxsim_weight * MaxSim + head(pooled pair), where MaxSim
+is ColBERT's late interaction over the first stage's token vectors. The head starts at zero, so before
+training the reranker orders candidates as the bi-encoder does (plus MaxSim where its fitted weight
+says it helps), and fine-tuning only has to learn what the interactions add. `scale`, `offset` and
+`maxsim_weight` are fitted to the training loss on the first batches (model/rerank.py), so that
+sigmoid(logit), the served score, starts as a calibrated probability.
 """
 
 import copy
@@ -25,7 +26,7 @@ from torch import nn
 
 from model.encoder import Encoder, mean_pool
 from model.lexical import LexicalSketch
-from model.tokenizer import SEP_ID
+from model.tokenizer import SEP_ID, SPECIAL_TOKENS
 
 SIMILARITY_SCALE = 20.0  # 1 / the contrastive fine-tune's temperature: the bi-encoder's own logit scale
 
@@ -56,6 +57,21 @@ def segment_attention(query: torch.Tensor, passage: torch.Tensor) -> torch.Tenso
     return allowed[:, None, :, :]
 
 
+def late_interaction(
+    input_ids: torch.Tensor, hidden: torch.Tensor, query: torch.Tensor, passage: torch.Tensor
+) -> torch.Tensor:
+    """ColBERT's MaxSim (Khattab and Zaharia 2020) over the first stage's token vectors (B,): each query
+    word's best cosine with a passage token, averaged over the query's words. It sees which words match,
+    which one pooled vector per text blurs; [CLS] and [SEP] are left out."""
+    words = input_ids >= len(SPECIAL_TOKENS)  # the special tokens have the lowest ids
+    tokens = F.normalize(hidden.float(), dim=-1)
+    cosine = tokens @ tokens.transpose(1, 2)  # (B, T, T)
+    cosine = cosine.masked_fill(~(passage & words)[:, None, :], -1.0)
+    best = cosine.max(dim=2).values  # (B, T)
+    query_words = (query & words).float()
+    return (best * query_words).sum(dim=1) / query_words.sum(dim=1).clamp(min=1.0)
+
+
 class CrossEncoder(nn.Module):
     """(input_ids, attention_mask) of pair-encoded inputs -> (pooled pair (B, C), relevance logit (B, 1))."""
 
@@ -70,6 +86,7 @@ class CrossEncoder(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.scale = nn.Parameter(torch.tensor(SIMILARITY_SCALE))
         self.offset = nn.Parameter(torch.tensor(0.0))
+        self.maxsim_weight = nn.Parameter(torch.tensor(0.0))
         self.sketch = sketch
         # Saved with the weights, so that a RUN rebuilds the same lexical channel.
         self.register_buffer("sketch_weight", torch.tensor(float(sketch_weight)))
@@ -104,12 +121,18 @@ class CrossEncoder(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x, query, passage = self.read_apart(input_ids, attention_mask)
-        similarity = self.separate_similarity(input_ids, self.encoder.norm_out(x), query, passage)
+        hidden = self.encoder.norm_out(x)
+        similarity = self.separate_similarity(input_ids, hidden, query, passage)
+        maxsim = late_interaction(input_ids, hidden, query, passage)
         # Stage 2: one block over the pair together.
         together = attention_mask.bool()
         together = (together | ~together.any(dim=1, keepdim=True))[:, None, None, :]
         pooled = mean_pool(self.encoder.norm_out(self.cross(x, together)), attention_mask).float()
-        logits = self.scale * (similarity.float() - self.offset) + self.head(pooled)[:, 0]
+        logits = (
+            self.scale * (similarity.float() - self.offset)
+            + self.maxsim_weight * maxsim.float()
+            + self.head(pooled)[:, 0]
+        )
         return pooled, logits[:, None]
 
 

@@ -63,17 +63,20 @@ def first_stage_negatives(
     seed: int,
     depth: int,
     count: int,
+    rows: list[int] | None = None,
 ) -> tuple[list[int], list[list[str]]]:
     """Negatives for a reranker of a first stage (`embed(texts, desc)` -> (N, C), the first stage's
     embedding), as it will see them: each query's top `depth` passages by cosine among all the
     positives. Only rows whose positive is there are kept: the reranker never sees the others, and
     training on them teaches it that what the first stage ranks high is wrong. A positive of any row
-    with the same query is relevant too, so it is never a negative.
+    with the same query is relevant too, so it is never a negative. Only `rows` are ranked, when given
+    (ranking costs a pass over every passage per query), against all the passages.
 
     -> (the rows kept, `count` negatives drawn from each kept row's top `depth`)."""
     documents = list(dict.fromkeys(positives))  # distinct documents, first-seen order
     place = {document: index for index, document in enumerate(documents)}
-    distinct_queries = list(dict.fromkeys(queries))
+    rows = list(range(len(queries))) if rows is None else rows
+    distinct_queries = list(dict.fromkeys(queries[row] for row in rows))
     relevant: dict[str, set[int]] = {}
     for query, positive in zip(queries, positives, strict=True):
         relevant.setdefault(query, set()).add(place[positive])
@@ -86,7 +89,8 @@ def first_stage_negatives(
         top.update(zip(distinct_queries[start : start + 1024], nearest, strict=True))
     rng = random.Random(seed)
     kept, negatives = [], []
-    for row, (query, positive) in enumerate(zip(queries, positives, strict=True)):
+    for row in rows:
+        query, positive = queries[row], positives[row]
         if place[positive] not in top[query]:
             continue
         others = [documents[i] for i in top[query] if i not in relevant[query]]

@@ -133,25 +133,34 @@ class RerankTask:
         return pair_logits(self.module, pairs, self.device, LENGTH_CHUNK), groups, tokens
 
     def calibrate(self, batches: int = CALIBRATION_BATCHES) -> None:
-        """Fit the cross-encoder's scale and offset to the loss on the first `batches` batches, before
-        training. While the head is zero the logits are scale * (similarity - offset), and the
-        bi-encoder's similarity comes with the contrastive fine-tune's scale, far too confident on
-        hard negatives; two scalars move too slowly at the training's learning rate for the head not
-        to spend its first steps making up for them."""
+        """Fit the cross-encoder's scale, offset and MaxSim weight to the loss on the first `batches`
+        batches, before training. While the head is zero the logits are scale * (similarity - offset) +
+        maxsim_weight * MaxSim: a logistic regression on two features. The bi-encoder's similarity comes
+        with the contrastive fine-tune's scale, far too confident on hard negatives, and three scalars
+        move too slowly at the training's learning rate for the head not to spend its first steps
+        making up for them."""
         module = self.module
         with torch.no_grad():
             module.scale.fill_(1.0)
             module.offset.zero_()
-            seen = [self.batch_logits(step)[:2] for step in range(batches)]  # the similarities
+            module.maxsim_weight.zero_()
+            similarities = [self.batch_logits(step)[:2] for step in range(batches)]
+            module.scale.zero_()
+            module.maxsim_weight.fill_(1.0)
+            maxsims = [self.batch_logits(step)[0] for step in range(batches)]
         scale = torch.tensor(SIMILARITY_SCALE, requires_grad=True)
         offset = torch.zeros((), requires_grad=True)
-        optimizer = torch.optim.LBFGS([scale, offset], max_iter=100, line_search_fn="strong_wolfe")
+        maxsim_weight = torch.zeros((), requires_grad=True)
+        optimizer = torch.optim.LBFGS(
+            [scale, offset, maxsim_weight], max_iter=100, line_search_fn="strong_wolfe"
+        )
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
             total = torch.zeros(())
-            for similarity, groups in seen:
-                listwise, pointwise = group_losses(scale * (similarity.cpu() - offset), groups)
+            for (similarity, groups), maxsim in zip(similarities, maxsims, strict=True):
+                logits = scale * (similarity.cpu() - offset) + maxsim_weight * maxsim.cpu()
+                listwise, pointwise = group_losses(logits, groups)
                 total = total + listwise + pointwise
             total.backward()
             return total
@@ -160,6 +169,7 @@ class RerankTask:
         with torch.no_grad():
             module.scale.fill_(float(scale))
             module.offset.fill_(float(offset))
+            module.maxsim_weight.fill_(float(maxsim_weight))
 
     def loss(self, step: int) -> StepResult:
         logits, groups, tokens = self.batch_logits(step)

@@ -1,13 +1,20 @@
 """The two-stage cross-encoder (model/cross_encoder.py): it finds the two texts of a pair by the first
-[SEP], its first stage reads each text exactly as the bi-encoder reads it alone, and before training it
-scores a pair by the bi-encoder's similarity of the two texts."""
+[SEP], its first stage reads each text exactly as the bi-encoder reads it alone, MaxSim counts the
+query's words matched in the passage, and before training it scores a pair by the bi-encoder's
+similarity of the two texts."""
 
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from model.cross_encoder import CrossEncoder, pair_segments, segment_attention, segment_positions
+from model.cross_encoder import (
+    CrossEncoder,
+    late_interaction,
+    pair_segments,
+    segment_attention,
+    segment_positions,
+)
 from model.encoder import mean_pool
 from model.rerank import encode_pair, text_ids
 from model.run import load_run
@@ -25,6 +32,14 @@ def test_segments_positions_and_attention_of_a_padded_pair() -> None:
     assert allowed[1].long().tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0]  # a query token sees the query
     assert allowed[5].long().tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 0]  # a passage token the passage
     assert allowed[8].any()  # padding attends to something, to stay finite; pooling ignores it
+
+
+def test_maxsim_averages_each_query_words_best_match_in_the_passage() -> None:
+    ids = torch.tensor([[CLS_ID, 10, 11, SEP_ID, 12, 10, SEP_ID, PAD_ID]])
+    hidden = F.one_hot(ids, num_classes=16).float()  # a token's vector: its id, so cosine 1 iff same word
+    query, passage = pair_segments(ids, (ids != PAD_ID).long())
+    # Word 10 is in the passage (cosine 1), word 11 is not (0); [CLS] and [SEP] do not count.
+    assert late_interaction(ids, hidden, query, passage).tolist() == [0.5]
 
 
 def test_the_first_stage_reads_the_query_as_the_bi_encoder_does(tiny_runs: Any) -> None:
