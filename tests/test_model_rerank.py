@@ -112,6 +112,26 @@ def test_the_loss_wants_the_positive_first(tiny_runs: Any, sign: float) -> None:
         assert loss > 5
 
 
+def test_train_encoder_fine_tunes_the_encoders_layers_too(
+    tiny_runs: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = tmp_path / "pairs.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in pairs_rows()))
+    out = tmp_path / "rerank"
+    main(
+        [
+            *["finetune", "rerank", "--init", str(tiny_runs.embed_run), "--train", str(train)],
+            *["--out", str(out), "--max-steps", "3", "--batch-size", "8", "--train-encoder", "--no-progress"],
+            *["--negatives", "none", "--device", "cpu", "--threads", "1"],
+        ]
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["trained_encoder"] is True and summary["negatives_from"] == "none"
+    init, run = load_run(tiny_runs.embed_run), load_run(out)
+    changed = [key for key in init.weights if not torch.equal(init.weights[key], run.weights[key])]
+    assert any(key.startswith("encoder.blocks.") for key in changed)
+
+
 def test_ndcg_and_mrr_at_10() -> None:
     metrics = ranking_metrics([["a", "x", "b"], ["x", "y"]], [{"a", "b"}, {"z"}])
     ideal = 1 + 1 / math.log2(3)
@@ -134,6 +154,12 @@ def test_finetune_rerank_learns_exports_and_evaluates(
     assert summary["kind"] == "rerank" and summary["final_loss"] < summary["first_loss"] * 0.5
     run = load_run(out)
     assert run.kind == "rerank" and run.build_reranker() is not None
+    # From an embed run the encoder's layers stay frozen: the reranker keeps the bi-encoder's similarity.
+    init = load_run(tiny_runs.embed_run)
+    assert summary["trained_encoder"] is False
+    assert all(
+        torch.equal(init.weights[key], run.weights[key]) for key in init.weights if key.startswith("encoder.")
+    )
 
     # The training passages as a corpus, each object's query relevant to the passages that mention it.
     corpus = tmp_path / "corpus.jsonl"
