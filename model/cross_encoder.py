@@ -117,21 +117,26 @@ class CrossEncoder(nn.Module):
             x = block(x, separate)
         return x, query, passage
 
-    def forward(
+    def first_stage_scores(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (the bi-encoder's similarity (B,), MaxSim (B,), stage 1's residual stream (B, T, C)): the
+        two features the untrained reranker scores by, and what stage 2 reads."""
         x, query, passage = self.read_apart(input_ids, attention_mask)
         hidden = self.encoder.norm_out(x)
         similarity = self.separate_similarity(input_ids, hidden, query, passage)
-        maxsim = late_interaction(input_ids, hidden, query, passage)
+        return similarity.float(), late_interaction(input_ids, hidden, query, passage), x
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        similarity, maxsim, x = self.first_stage_scores(input_ids, attention_mask)
         # Stage 2: one block over the pair together.
         together = attention_mask.bool()
         together = (together | ~together.any(dim=1, keepdim=True))[:, None, None, :]
         pooled = mean_pool(self.encoder.norm_out(self.cross(x, together)), attention_mask).float()
         logits = (
-            self.scale * (similarity.float() - self.offset)
-            + self.maxsim_weight * maxsim.float()
-            + self.head(pooled)[:, 0]
+            self.scale * (similarity - self.offset) + self.maxsim_weight * maxsim + self.head(pooled)[:, 0]
         )
         return pooled, logits[:, None]
 
@@ -141,10 +146,10 @@ def cross_encoder_from_state(encoder: Encoder, state: dict[str, torch.Tensor]) -
     sketch = None
     sketch_dim = int(state["sketch_dim"])
     if sketch_dim:
-        sketch = LexicalSketch.from_state(
-            {key[len("sketch.") :]: value for key, value in state.items() if key.startswith("sketch.")},
-            sketch_dim,
-        )
+        sketch_state = {
+            key.removeprefix("sketch."): value for key, value in state.items() if key.startswith("sketch.")
+        }
+        sketch = LexicalSketch.from_state(sketch_state, sketch_dim)
     module = CrossEncoder(encoder, sketch, float(state["sketch_weight"]))
     module.load_state_dict({**state, **{f"encoder.{k}": v for k, v in encoder.state_dict().items()}})
     return module

@@ -14,6 +14,7 @@ sends the exported graph. A long pair is cut from the passage's end, never the q
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +52,31 @@ def encode_pair(query_ids: list[int], passage_ids: list[int], max_seq_len: int) 
     return [CLS_ID, *query_ids, SEP_ID, *passage_ids[:room], SEP_ID]
 
 
-def pair_logits(
-    module: CrossEncoder, pairs: list[list[int]], device: torch.device, chunk: int
+def over_pairs(
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    pairs: list[list[int]],
+    device: torch.device,
+    chunk: int,
 ) -> torch.Tensor:
-    """The relevance logit of each pair-encoded input (N,), in order. Pairs run in length-sorted chunks,
-    each padded only to its own longest; attention never sees padding, so the result is the same."""
+    """`score(input_ids, attention_mask)` -> (B, ...) of each pair-encoded input, in order. Pairs run in
+    length-sorted chunks, each padded only to its own longest; attention never sees padding, so the
+    result is the same."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
     pieces = []
     for start in range(0, len(order), chunk):
         input_ids, attention_mask = pad_to_longest([pairs[i] for i in order[start : start + chunk]], PAD_ID)
-        outputs = module(torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device))
-        pieces.append(outputs[1][:, 0])
+        pieces.append(
+            score(torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device))
+        )
     inverse = torch.argsort(torch.tensor(order, device=device))
     return torch.cat(pieces)[inverse]
+
+
+def pair_logits(
+    module: CrossEncoder, pairs: list[list[int]], device: torch.device, chunk: int
+) -> torch.Tensor:
+    """The relevance logit of each pair-encoded input (N,), in order."""
+    return over_pairs(lambda input_ids, mask: module(input_ids, mask)[1][:, 0], pairs, device, chunk)
 
 
 class RerankTask:
@@ -119,9 +132,8 @@ class RerankTask:
             groups.append(group)
         return groups
 
-    def batch_logits(self, step: int) -> tuple[torch.Tensor, list[list[int]], int]:
-        """The logits of batch `step`'s pairs (N,), group after group, each group's positive first; the
-        groups; the batch's tokens."""
+    def batch_pairs(self, step: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Batch `step`'s pair-encoded inputs, group after group, each group's positive first; the groups."""
         rows = batch_rows(len(self), self.batch_size, self.seed, step)
         groups = self.candidates(rows)
         pairs = [
@@ -129,8 +141,7 @@ class RerankTask:
             for row, group in zip(rows, groups, strict=True)
             for passage in group
         ]
-        tokens = sum(len(pair) for pair in pairs)
-        return pair_logits(self.module, pairs, self.device, LENGTH_CHUNK), groups, tokens
+        return pairs, groups
 
     def calibrate(self, batches: int = CALIBRATION_BATCHES) -> None:
         """Fit the cross-encoder's scale, offset and MaxSim weight to the loss on the first `batches`
@@ -140,14 +151,19 @@ class RerankTask:
         move too slowly at the training's learning rate for the head not to spend its first steps
         making up for them."""
         module = self.module
+        seen = []
         with torch.no_grad():
-            module.scale.fill_(1.0)
-            module.offset.zero_()
-            module.maxsim_weight.zero_()
-            similarities = [self.batch_logits(step)[:2] for step in range(batches)]
-            module.scale.zero_()
-            module.maxsim_weight.fill_(1.0)
-            maxsims = [self.batch_logits(step)[0] for step in range(batches)]
+            for step in range(batches):
+                pairs, groups = self.batch_pairs(step)
+                features = over_pairs(
+                    lambda input_ids, mask: torch.stack(
+                        module.first_stage_scores(input_ids, mask)[:2], dim=1
+                    ),
+                    pairs,
+                    self.device,
+                    LENGTH_CHUNK,
+                )
+                seen.append((features.cpu(), groups))
         scale = torch.tensor(SIMILARITY_SCALE, requires_grad=True)
         offset = torch.zeros((), requires_grad=True)
         maxsim_weight = torch.zeros((), requires_grad=True)
@@ -158,8 +174,8 @@ class RerankTask:
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
             total = torch.zeros(())
-            for (similarity, groups), maxsim in zip(similarities, maxsims, strict=True):
-                logits = scale * (similarity.cpu() - offset) + maxsim_weight * maxsim.cpu()
+            for features, groups in seen:
+                logits = scale * (features[:, 0] - offset) + maxsim_weight * features[:, 1]
                 listwise, pointwise = group_losses(logits, groups)
                 total = total + listwise + pointwise
             total.backward()
@@ -172,10 +188,10 @@ class RerankTask:
             module.maxsim_weight.fill_(float(maxsim_weight))
 
     def loss(self, step: int) -> StepResult:
-        logits, groups, tokens = self.batch_logits(step)
-        listwise, pointwise = group_losses(logits, groups)
+        pairs, groups = self.batch_pairs(step)
+        listwise, pointwise = group_losses(pair_logits(self.module, pairs, self.device, LENGTH_CHUNK), groups)
         logs = {"listwise_loss": listwise.item(), "pointwise_loss": pointwise.item()}
-        return StepResult(listwise + pointwise, tokens, logs)
+        return StepResult(listwise + pointwise, sum(len(pair) for pair in pairs), logs)
 
 
 def group_losses(logits: torch.Tensor, groups: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from encoder_cli import main
+from model.cross_encoder import SIMILARITY_SCALE, CrossEncoder
 from model.metrics import ranking_metrics
-from model.rerank import RerankTask, encode_pair, text_ids
+from model.rerank import CALIBRATION_BATCHES, RerankTask, encode_pair, text_ids
 from model.run import load_run
 from model.tokenizer import SEP_ID, load_tokenizer
 from service.tokenization import TextTokenizer
@@ -130,6 +131,34 @@ def test_train_encoder_fine_tunes_the_encoders_layers_too(
     init, run = load_run(tiny_runs.embed_run), load_run(out)
     changed = [key for key in init.weights if not torch.equal(init.weights[key], run.weights[key])]
     assert any(key.startswith("encoder.blocks.") for key in changed)
+
+
+def test_calibration_fits_the_first_stage_scores_to_the_loss(tiny_runs: Any) -> None:
+    rows = pairs_rows()
+    run = load_run(tiny_runs.embed_run)
+    module = CrossEncoder(run.build_encoder())
+    task = RerankTask(
+        [row["query"] for row in rows],
+        [row["positive"] for row in rows],
+        [[row["negative"]] for row in rows],
+        load_tokenizer(run.tokenizer_path),
+        module,
+        torch.device("cpu"),
+        batch_size=8,
+        in_batch_negatives=3,
+        seed=0,
+        max_seq_len=32,
+    )
+
+    def calibration_loss() -> float:
+        with torch.no_grad():
+            return sum(task.loss(step).loss.item() for step in range(CALIBRATION_BATCHES))
+
+    before = calibration_loss()
+    task.calibrate()
+    assert calibration_loss() < before
+    assert float(module.scale) != SIMILARITY_SCALE and float(module.maxsim_weight) != 0.0
+    assert float(module.head.weight.abs().sum()) == 0.0  # the head is left to training
 
 
 def test_ndcg_and_mrr_at_10() -> None:
