@@ -819,7 +819,7 @@ def finetune_rerank(options: RerankOptions) -> dict[str, Any]:
     if negatives_from not in NEGATIVE_SOURCES:
         raise ModelError(f"negatives must be one of {', '.join(NEGATIVE_SOURCES)}, not {negatives_from!r}")
     hard: list[list[str]] = [[] if negative is None else [negative] for negative in pairs.negatives]
-    mined = 0
+    mined = ranked = 0
     if negatives_from == "bm25":
         steps = planned if options.max_steps is None else min(planned, options.max_steps)
         rows = len(pairs.queries)
@@ -837,6 +837,7 @@ def finetune_rerank(options: RerankOptions) -> dict[str, Any]:
             rows = sorted(
                 random.Random(options.seed).sample(rows, options.max_steps * batch_size * FIRST_STAGE_SAMPLE)
             )
+        ranked = len(rows)
         kept, found = first_stage_negatives(
             lambda texts, desc: infer(first_stage, tokenizer, texts, device, desc=desc)[0],
             pairs.queries,
@@ -881,6 +882,7 @@ def finetune_rerank(options: RerankOptions) -> dict[str, Any]:
         hard_negatives=sum(len(negatives) for negatives in hard),
         mined_negatives=mined,
         negatives_from=negatives_from,
+        first_stage_ranked=ranked,
         trained_encoder=train_encoder,
         in_batch_negatives=options.in_batch_negatives,
         batch_size=batch_size,

@@ -133,6 +133,26 @@ def test_train_encoder_fine_tunes_the_encoders_layers_too(
     assert any(key.startswith("encoder.blocks.") for key in changed)
 
 
+def test_first_stage_negatives_rank_a_sample_sized_to_the_step_budget(
+    tiny_runs: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = tmp_path / "pairs.jsonl"
+    rows = [{"query": row["query"], "positive": row["positive"]} for row in pairs_rows()]  # no negatives
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "rerank"
+    main(
+        [
+            *["finetune", "rerank", "--init", str(tiny_runs.embed_run), "--train", str(train)],
+            *["--out", str(out), "--max-steps", "1", "--batch-size", "4", "--no-progress"],
+            *["--device", "cpu", "--threads", "1"],
+        ]
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # One step of 4 queries: 6 x 4 of the 56 rows are ranked; those kept get 3 negatives each.
+    assert summary["negatives_from"] == "first-stage" and summary["first_stage_ranked"] == 24
+    assert 4 <= summary["pairs"] <= 24 and summary["mined_negatives"] == 3 * summary["pairs"]
+
+
 def test_calibration_fits_the_first_stage_scores_to_the_loss(tiny_runs: Any) -> None:
     rows = pairs_rows()
     run = load_run(tiny_runs.embed_run)
