@@ -125,17 +125,24 @@ def register(subparsers: Any) -> None:
     classify.add_argument("--eval", type=Path, help="JSON lines evaluated at the end (into run.json)")
     classify.add_argument("--out", required=True, type=Path, help="RUN directory")
     classify.add_argument(
-        "--epochs", type=_positive_float, help="default 3 (with --freeze-encoder: --head-epochs)"
+        "--epochs", type=_positive_float, help="of the fine-tune (default 3); not used with --freeze-encoder"
     )
     classify.add_argument("--multi-label", action="store_true", help='rows carry "labels": [str]')
     classify.add_argument(
         "--freeze-encoder", action="store_true", help="fit the heads only; the encoder (/embed) is unchanged"
     )
     classify.add_argument(
-        "--head-epochs",
-        type=float,
-        help="then fit the heads on the frozen encoder's features of every training row (0: skip; "
-        "default 10, and at least 3,000 steps of 256 rows)",
+        "--no-refit-heads",
+        dest="refit_heads",
+        action="store_false",
+        help="after the fine-tune, keep its linear head instead of fitting the heads (linear and lexical) "
+        "again on the frozen encoder's features of every training row, by L-BFGS",
+    )
+    classify.add_argument(
+        "--head-c",
+        type=_positive_float,
+        default=16.0,
+        help="inverse L2 strength of the heads' fit: loss = C * (sum of row losses) + |W|^2 / 2",
     )
     classify.add_argument(
         "--lexical-buckets",
@@ -463,7 +470,8 @@ def run_finetune_classify(args: argparse.Namespace) -> dict[str, Any]:
         multi_label=args.multi_label,
         freeze_encoder=args.freeze_encoder,
         pairs=args.pairs,
-        head_epochs=args.head_epochs,
+        refit_heads=args.refit_heads,
+        head_c=args.head_c,
         lexical_buckets=args.lexical_buckets,
         class_balance=args.class_balance,
         **_fine_tune_options(args),

@@ -72,28 +72,87 @@ def inverse_document_frequencies(
     return idf
 
 
-class LexicalHead(nn.Module):
-    """The wide half of a wide-and-deep classifier (Cheng et al. 2016): a learned vector for every token
-    and every hashed token bigram of the input, averaged over the text and projected to the class
-    logits (fastText, Joulin et al. 2017). It adds exact-word evidence, which a small encoder trained
-    for minutes compresses away, and costs one table lookup at serving time.
+# A feature seen in fewer training texts than this carries idf 0: it cannot generalise, and it would take
+# a share of its text's unit norm from the features that do (scikit-learn's min_df=2 for TF-IDF + LR).
+MIN_DOCUMENT_FREQUENCY = 2
+BIGRAM_HASH = 1_000_003
 
-    Bigram (a, b) of the ids uses row vocab_size + (a * 1_000_003 + b) mod buckets of the same table.
+
+def lexical_feature_ids(input_ids: torch.Tensor, vocab_size: int, buckets: int) -> torch.Tensor:
+    """(..., T) token ids -> (..., 2T - 1) feature ids: each token, then each adjacent token pair hashed to
+    row vocab_size + (a * BIGRAM_HASH + b) mod buckets."""
+    bigrams = vocab_size + (input_ids[..., :-1] * BIGRAM_HASH + input_ids[..., 1:]) % buckets
+    return torch.cat([input_ids, bigrams], dim=-1)
+
+
+class LexicalHead(nn.Module):
+    """The wide half of a wide-and-deep classifier (Cheng et al. 2016): a linear model over the text's
+    TF-IDF vector of tokens and hashed token bigrams (sublinear tf, L2-normalised), that is TF-IDF +
+    logistic regression computed inside the exported graph. It adds exact-word evidence, which a small
+    encoder trained for minutes compresses away, for one table lookup at serving time.
+
+    `weight` has one row of class logits per feature; `idf` is 0 for special tokens, for features seen in
+    fewer than MIN_DOCUMENT_FREQUENCY training texts, and for padding, which therefore never counts.
+    `tfidf_matrix` builds the same vectors as a sparse matrix for fitting (finetune.py fits the weights
+    by L-BFGS, jointly with the linear head on the encoder's features).
     """
 
-    def __init__(self, vocab_size: int, buckets: int, dim: int, n_labels: int) -> None:
+    def __init__(self, idf: torch.Tensor, vocab_size: int, n_labels: int) -> None:
         super().__init__()
-        self.vocab_size, self.buckets = vocab_size, buckets
-        self.table = nn.Embedding(vocab_size + buckets, dim)
-        self.out = nn.Linear(dim, n_labels)
-        nn.init.normal_(self.table.weight, std=0.02)
-        nn.init.zeros_(self.out.bias)
+        self.vocab_size, self.buckets = vocab_size, idf.numel() - vocab_size
+        self.register_buffer("idf", idf.float().clone())
+        self.weight = nn.Parameter(torch.zeros(idf.numel(), n_labels))
+
+    @classmethod
+    def fitted_idf(
+        cls, tokens: TokenizedTexts, vocab_size: int, buckets: int, special_ids: list[int]
+    ) -> torch.Tensor:
+        """Smoothed idf log((N + 1) / (df + 1)) + 1 of every feature over the texts (see the class)."""
+        document_frequency = torch.zeros(vocab_size + buckets)
+        for start in range(0, len(tokens.ids), 1024):
+            input_ids, attention_mask = tokens.batch(list(range(start, min(start + 1024, len(tokens.ids)))))
+            features = lexical_feature_ids(input_ids, vocab_size, buckets)
+            mask = torch.cat([attention_mask, attention_mask[:, :-1] * attention_mask[:, 1:]], dim=1).bool()
+            # One count per (text, feature): unique over keys row * features + feature.
+            rows = torch.arange(features.shape[0])[:, None].expand_as(features)
+            keys = torch.unique(rows[mask] * (vocab_size + buckets) + features[mask])
+            document_frequency += torch.bincount(
+                keys % (vocab_size + buckets), minlength=vocab_size + buckets
+            )
+        idf = torch.log((len(tokens.ids) + 1) / (document_frequency + 1)) + 1
+        idf[document_frequency < MIN_DOCUMENT_FREQUENCY] = 0.0
+        idf[special_ids] = 0.0
+        return idf
+
+    def shares(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> feature ids (B, F) and each position's share (B, F) of its feature's TF-IDF value, so that
+        the TF-IDF vector is the sum of share * one_hot(feature): a feature that occurs tf times carries
+        idf * (1 + log tf) / tf at each occurrence, over the vector's L2 norm."""
+        mask = attention_mask.float()
+        features = lexical_feature_ids(input_ids, self.vocab_size, self.buckets)
+        feature_mask = torch.cat([mask, mask[:, :-1] * mask[:, 1:]], dim=1)
+        same = (features[:, :, None] == features[:, None, :]).float() * feature_mask[:, None, :]  # (B, F, F)
+        tf = same.sum(dim=2).clamp(min=1.0)
+        value = self.idf[features] * (1.0 + torch.log(tf)) * feature_mask  # the feature's TF-IDF value
+        norm = (value * value / tf).sum(dim=1, keepdim=True).clamp(min=1e-12).sqrt()  # each feature once
+        return features, value / tf / norm
+
+    def tfidf_matrix(self, tokens: TokenizedTexts, rows: list[int]) -> torch.Tensor:
+        """The TF-IDF vectors of `rows` as a sparse (rows, features) matrix, for fitting."""
+        parts = []
+        for start in range(0, len(rows), 256):
+            input_ids, attention_mask = tokens.batch(rows[start : start + 256])
+            features, share = self.shares(input_ids.to(self.idf.device), attention_mask.to(self.idf.device))
+            row_ids = torch.arange(features.shape[0], device=features.device)[:, None].expand_as(features)
+            parts.append((row_ids.flatten() + start, features.flatten(), share.flatten()))
+        row_ids, features, share = (torch.cat(column) for column in zip(*parts, strict=True))
+        keep = share != 0
+        indices = torch.stack([row_ids[keep], features[keep]])
+        size = (len(rows), self.weight.shape[0])
+        return torch.sparse_coo_tensor(indices, share[keep], size, check_invariants=False).coalesce()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.float()  # (B, T)
-        pair_mask = mask[:, :-1] * mask[:, 1:]  # (B, T - 1): both tokens real
-        bigrams = self.vocab_size + (input_ids[:, :-1] * 1_000_003 + input_ids[:, 1:]) % self.buckets
-        total = (self.table(input_ids) * mask.unsqueeze(-1)).sum(dim=1)
-        total = total + (self.table(bigrams) * pair_mask.unsqueeze(-1)).sum(dim=1)  # (B, dim)
-        count = (mask.sum(dim=1) + pair_mask.sum(dim=1)).clamp(min=1.0).unsqueeze(-1)
-        return self.out(total / count)
+        features, share = self.shares(input_ids, attention_mask)
+        return (self.weight[features] * share.unsqueeze(-1)).sum(dim=1)  # (B, n_labels)

@@ -95,11 +95,15 @@ class LoadedRun:
 
     def build_lexical(self) -> LexicalHead | None:
         """The lexical (wide) head of a classify run that has one ("lexical.*" weights)."""
-        table = self.weights.get("lexical.table.weight")
-        if table is None or not self.labels:
+        idf = self.weights.get("lexical.idf")
+        if not self.labels or ("lexical.table.weight" not in self.weights and idf is None):
             return None
-        buckets, dim = table.shape[0] - self.config.vocab_size, table.shape[1]
-        lexical = LexicalHead(self.config.vocab_size, buckets, dim, len(self.labels))
+        if idf is None:
+            raise ModelError(
+                f"{self.path / WEIGHTS_FILE}: lexical head from before the TF-IDF head; fit the heads "
+                "again (encoder finetune classify --init RUN --freeze-encoder)"
+            )
+        lexical = LexicalHead(idf, self.config.vocab_size, len(self.labels))
         try:
             lexical.load_state_dict(_prefixed(self.weights, "lexical."))
         except RuntimeError as exc:

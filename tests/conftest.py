@@ -48,13 +48,15 @@ def _tiny_corpus(path: Path, sentences: int = 400) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
-    """An embed RUN, a classify RUN (frozen encoder + 3-label head) and a rerank RUN (a cross-encoder
-    with a random head) with random weights, via model/."""
+    """An embed RUN, a classify RUN (frozen encoder, 3-label linear and lexical heads) and a rerank RUN
+    (a cross-encoder with a random head) with random weights, via model/."""
     import torch
 
     from model.config import EncoderConfig
     from model.cross_encoder import CrossEncoder
+    from model.data import TokenizedTexts
     from model.encoder import Encoder
+    from model.lexical import LexicalHead
     from model.run import save_run
     from model.tokenizer import train_tokenizer
 
@@ -75,6 +77,17 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
     encoder_weights = {f"encoder.{key}": value for key, value in Encoder(config).state_dict().items()}
     classifier = torch.nn.Linear(config.n_embd, len(TINY_LABELS))
     classifier_weights = {f"classifier.{key}": value for key, value in classifier.state_dict().items()}
+    # The lexical (TF-IDF) head that `finetune classify` fits, so that every classify bundle in the suite
+    # exports and serves it; its random class weights count about as much as the linear head's.
+    idf = LexicalHead.fitted_idf(
+        TokenizedTexts.encode(tokenizer, corpus.read_text().splitlines()),
+        config.vocab_size,
+        buckets=1024,
+        special_ids=[0, 1, 2, 3, 4],
+    )
+    lexical = LexicalHead(idf, config.vocab_size, len(TINY_LABELS))
+    torch.nn.init.normal_(lexical.weight, std=0.1)
+    classifier_weights |= {f"lexical.{key}": value for key, value in lexical.state_dict().items()}
     embed_run = save_run(
         root / "embed",
         kind="embed",

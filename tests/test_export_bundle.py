@@ -49,6 +49,33 @@ def test_graph_interface_has_symbolic_axes_and_runs_any_shape(tiny_bundle: Path,
         assert embedding.shape == (batch, 32) and logits.shape == (batch, 3)
 
 
+def test_the_lexical_head_is_in_the_exported_logits(tiny_runs: Any, tiny_bundle: Path) -> None:
+    import torch
+
+    from model.data import TokenizedTexts
+    from model.encoder import InferenceModule
+    from model.run import load_run
+
+    run = load_run(tiny_runs.classify_run)
+    lexical = run.build_lexical()
+    assert lexical is not None
+    texts = ["the dog sees the garden.", "a small fern covers a green leaf.", "the saw breaks a nail nail."]
+    input_ids, attention_mask = TokenizedTexts.encode(
+        Tokenizer.from_file(str(tiny_runs.tokenizer)), texts
+    ).batch([0, 1, 2])
+    with torch.no_grad():
+        encoder = run.build_encoder().eval()
+        whole = InferenceModule(encoder, run.build_classifier(), lexical)(input_ids, attention_mask)[1]
+        linear_only = InferenceModule(encoder, run.build_classifier())(input_ids, attention_mask)[1]
+    session = onnxruntime.InferenceSession(
+        str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+    logits = session.run(["logits"], feed)[0]
+    np.testing.assert_allclose(logits, whole.numpy(), atol=1e-4)
+    assert np.abs(logits - linear_only.numpy()).max() > 0.01
+
+
 def test_opset_and_no_external_data(tiny_bundle: Path) -> None:
     model = onnx.load(str(tiny_bundle / "model.onnx"), load_external_data=False)
     assert max(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")) >= 18

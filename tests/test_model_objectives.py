@@ -188,20 +188,37 @@ def test_length_chunked_embeddings_equal_one_padded_batch() -> None:
     assert real == sum(lengths)
 
 
-def test_lexical_head_counts_words_and_bigrams_and_ignores_padding() -> None:
+def test_lexical_head_is_a_linear_model_on_the_sublinear_tfidf_of_tokens_and_bigrams() -> None:
+    from model.data import TokenizedTexts
     from model.lexical import LexicalHead
 
+    vocab, buckets = 50, 64
+    texts = TokenizedTexts([[2, 7, 9, 7, 3], [2, 7, 9, 3], [2, 9, 11, 3], [2, 12, 3]])
+    idf = LexicalHead.fitted_idf(texts, vocab, buckets, special_ids=[0, 1, 2, 3, 4])
+    bigram = {pair: vocab + (pair[0] * 1_000_003 + pair[1]) % buckets for pair in ((7, 9), (9, 7), (2, 7))}
+    # Seen in two of the four texts: log(5 / 3) + 1. In one text only (11, 12, (9, 7)): no evidence.
+    for feature in (7, bigram[(7, 9)], bigram[(2, 7)]):
+        assert idf[feature].item() == pytest.approx(math.log(5 / 3) + 1)
+    assert idf[9].item() == pytest.approx(math.log(5 / 4) + 1)  # in three texts
+    assert idf[11] == idf[12] == idf[bigram[(9, 7)]] == idf[2] == 0.0
+
     torch.manual_seed(0)
-    head = LexicalHead(vocab_size=50, buckets=64, dim=4, n_labels=3)
-    ids = torch.tensor([[2, 7, 9, 3, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
-    table = head.table.weight
-    bigrams = [50 + (a * 1_000_003 + b) % 64 for a, b in ((2, 7), (7, 9), (9, 3))]
-    expected = head.out((table[[2, 7, 9, 3]].sum(0) + table[bigrams].sum(0)) / 7)
+    head = LexicalHead(idf, vocab, n_labels=3)
+    torch.nn.init.normal_(head.weight)
+    # Text 0 by hand: token 7 occurs twice (1 + log 2), 9 once, bigrams (2,7) and (7,9) once each.
+    values = {7: idf[7] * (1 + math.log(2)), 9: idf[9], bigram[(2, 7)]: idf[bigram[(2, 7)]]}
+    values[bigram[(7, 9)]] = idf[bigram[(7, 9)]]
+    norm = math.sqrt(sum(value.item() ** 2 for value in values.values()))
+    expected = sum(value / norm * head.weight[feature] for feature, value in values.items())
+    ids, mask = torch.tensor([[2, 7, 9, 7, 3, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
     torch.testing.assert_close(head(ids, mask)[0], expected)
-    # The same text without padding, or padded with other ids, scores the same: served batches pad.
-    torch.testing.assert_close(head(ids[:, :4], mask[:, :4]), head(ids, mask))
-    torch.testing.assert_close(head(torch.tensor([[2, 7, 9, 3, 44, 45]]), mask), head(ids, mask))
+    # Served batches pad: padding, whatever its ids, changes nothing.
+    torch.testing.assert_close(head(torch.tensor([[2, 7, 9, 7, 3, 44, 45]]), mask), head(ids, mask))
+    # The sparse matrix the fit uses holds the same vectors.
+    matrix = head.tfidf_matrix(texts, [0, 1, 2, 3])
+    torch.testing.assert_close(torch.sparse.mm(matrix, head.weight), head(*texts.batch([0, 1, 2, 3])))
+    torch.testing.assert_close(matrix.to_dense()[0].norm(), torch.tensor(1.0))
+    assert matrix.to_dense()[3].abs().sum() == 0  # nothing in text 3 was seen twice
 
 
 def test_lexical_sketch_is_the_sublinear_tfidf_vector_hashed_and_ignores_padding() -> None:

@@ -14,7 +14,6 @@ from model.config import EncoderConfig, preset_config
 from model.data import mask_tokens
 from model.encoder import Encoder, InferenceModule, MaskedLMModel, mean_pool, optimizer_groups
 from model.errors import ModelError
-from model.finetune import MIN_HEAD_STEPS, head_steps
 from model.metrics import classification_metrics, multilabel_metrics, retrieval_metrics
 from model.run import load_run, save_run
 from model.tokenizer import MASK_ID, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
@@ -210,8 +209,9 @@ def test_default_training_threads_follow_the_cpus_the_process_may_use() -> None:
     assert free.stdout.strip() == str(min(4, len(os.sched_getaffinity(0))))
 
 
-def test_the_heads_default_schedule_gives_a_small_training_set_enough_steps() -> None:
-    # Ten epochs of 4,000 rows (150 steps) left the heads far from converged on Debian's sections.
-    assert head_steps(4000, 256, None) == MIN_HEAD_STEPS
-    assert head_steps(105_952, 256, None) == 4130  # WordNet: ten epochs, already past the minimum
-    assert head_steps(4000, 256, 2) == 30  # explicit epochs are taken as given
+def test_the_heads_fit_has_a_bounded_amount_of_work() -> None:
+    from model.finetune import HEAD_MAX_ITERATIONS, head_iterations
+
+    assert head_iterations(4000) == HEAD_MAX_ITERATIONS  # a few thousand rows: run to convergence
+    assert head_iterations(105_952) == 113  # WordNet: the row-iteration budget bounds it
+    assert head_iterations(10**9) == 20
