@@ -61,9 +61,8 @@ class ClassifyOptions:
     train: Path
     out: Path
     eval: Path | None = None
-    epochs: float | None = (
-        None  # of the fine-tune (default 3); heads alone (freeze_encoder) fit to convergence
-    )
+    # Of the fine-tune (default 3); the heads' fit (alone with freeze_encoder) has no epochs.
+    epochs: float | None = None
     multi_label: bool = False
     freeze_encoder: bool = False
     # Multi-task: also train the contrastive loss on these pairs, so the one encoder keeps serving
@@ -451,19 +450,17 @@ def _train(
     options: ClassifyOptions | EmbedOptions | RerankOptions,
     peak_lr: float,
     started: float,
-    metrics_file: str = METRICS_FILE,
-    use_budget: bool = True,
 ) -> dict[str, Any]:
     """AdamW with warmup + linear decay and clipping, over the planned epochs, cut to max_steps and to
-    the wall-clock budget (whichever runs out first), unless use_budget is off (the head fit)."""
+    the wall-clock budget (whichever runs out first)."""
     max_steps = planned_steps
     budget_seconds = None
-    if use_budget and options.max_steps is not None:
+    if options.max_steps is not None:
         max_steps = min(planned_steps, options.max_steps)
-    if use_budget and options.budget_minutes is not None:
+    if options.budget_minutes is not None:
         budget_seconds = options.budget_minutes * 60 * 0.95 - (time.perf_counter() - started)
     options.out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(options.out / metrics_file)
+    metrics = MetricsLog(options.out / METRICS_FILE)
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(optimizer_groups(module, weight_decay=0.01), lr=peak_lr)
     loop = TrainLoop(
