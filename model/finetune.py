@@ -36,7 +36,13 @@ from model.data import DataError, TokenizedTexts, read_jsonl, read_text_lines
 from model.encoder import Encoder, InferenceModule, mean_pool, optimizer_groups, set_dropout
 from model.errors import ModelError
 from model.evaluate import INFERENCE_BATCH, infer, read_classification_rows, score_classifier
-from model.lexical import LexicalHead, LexicalSketch, hybrid_embedding, inverse_document_frequencies
+from model.lexical import (
+    MIN_DOCUMENT_FREQUENCY,
+    LexicalHead,
+    LexicalSketch,
+    hybrid_embedding,
+    inverse_document_frequencies,
+)
 from model.metrics import retrieval_metrics
 from model.negatives import first_stage_negatives, mine_bm25_negatives
 from model.rerank import RerankTask
@@ -676,7 +682,9 @@ def finetune_classify(options: ClassifyOptions) -> dict[str, Any]:
         # Phase 2 (alone with freeze_encoder): the heads on every training row of the frozen encoder.
         buckets = lexical_buckets(task.tokens) if options.lexical_buckets is None else options.lexical_buckets
         if buckets > 0:
-            idf = LexicalHead.fitted_idf(task.tokens, run.config.vocab_size, buckets, SPECIAL_IDS)
+            idf = inverse_document_frequencies(
+                task.tokens, run.config.vocab_size, SPECIAL_IDS, buckets, MIN_DOCUMENT_FREQUENCY
+            )
             module.lexical = LexicalHead(idf, run.config.vocab_size, len(labels)).to(device)
         summary["heads"] = _fit_heads(module, task, tokenizer, texts, options)
     summary.update(

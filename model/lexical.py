@@ -59,30 +59,48 @@ def hybrid_embedding(dense: torch.Tensor, lexical: torch.Tensor, weight: float) 
     return torch.cat([F.normalize(dense, dim=1), math.sqrt(weight) * lexical], dim=1) / math.sqrt(1 + weight)
 
 
-def inverse_document_frequencies(
-    tokens: TokenizedTexts, vocab_size: int, special_ids: list[int]
-) -> torch.Tensor:
-    """Smoothed idf = log((N + 1) / (df + 1)) + 1 of every vocabulary id over the texts; 0 for the
-    special tokens, which say nothing about a text's content."""
-    document_frequency = torch.zeros(vocab_size)
-    for ids in tokens.ids:
-        document_frequency[torch.tensor(sorted(set(ids)), dtype=torch.long)] += 1
-    idf = torch.log((len(tokens.ids) + 1) / (document_frequency + 1)) + 1
-    idf[special_ids] = 0.0
-    return idf
-
-
 # A feature seen in fewer training texts than this carries idf 0: it cannot generalise, and it would take
 # a share of its text's unit norm from the features that do (scikit-learn's min_df=2 for TF-IDF + LR).
 MIN_DOCUMENT_FREQUENCY = 2
 BIGRAM_HASH = 1_000_003
 
 
-def lexical_feature_ids(input_ids: torch.Tensor, vocab_size: int, buckets: int) -> torch.Tensor:
-    """(..., T) token ids -> (..., 2T - 1) feature ids: each token, then each adjacent token pair hashed to
-    row vocab_size + (a * BIGRAM_HASH + b) mod buckets."""
-    bigrams = vocab_size + (input_ids[..., :-1] * BIGRAM_HASH + input_ids[..., 1:]) % buckets
-    return torch.cat([input_ids, bigrams], dim=-1)
+def lexical_features(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int, buckets: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) token ids and mask -> feature ids and mask (B, F): each token, then, when buckets > 0, each
+    adjacent pair of real tokens hashed to row vocab_size + (a * BIGRAM_HASH + b) mod buckets."""
+    if buckets == 0:
+        return input_ids, attention_mask
+    bigrams = vocab_size + (input_ids[:, :-1] * BIGRAM_HASH + input_ids[:, 1:]) % buckets
+    pair_mask = attention_mask[:, :-1] * attention_mask[:, 1:]
+    return torch.cat([input_ids, bigrams], dim=1), torch.cat([attention_mask, pair_mask], dim=1)
+
+
+def inverse_document_frequencies(
+    tokens: TokenizedTexts,
+    vocab_size: int,
+    special_ids: list[int],
+    buckets: int = 0,
+    min_document_frequency: int = 0,
+) -> torch.Tensor:
+    """Smoothed idf = log((N + 1) / (df + 1)) + 1 of every feature of `lexical_features` (the vocabulary,
+    then `buckets` hashed bigrams) over the texts; 0 for the special tokens, which say nothing about a
+    text's content, and for features seen in fewer than `min_document_frequency` texts."""
+    size = vocab_size + buckets
+    document_frequency = torch.zeros(size)
+    for start in range(0, len(tokens.ids), 1024):
+        input_ids, attention_mask = tokens.batch(list(range(start, min(start + 1024, len(tokens.ids)))))
+        features, feature_mask = lexical_features(input_ids, attention_mask, vocab_size, buckets)
+        real = feature_mask.bool()
+        # One count per (text, feature): unique over the keys row * size + feature.
+        rows = torch.arange(features.shape[0])[:, None].expand_as(features)
+        keys = torch.unique(rows[real] * size + features[real])
+        document_frequency += torch.bincount(keys % size, minlength=size)
+    idf = torch.log((len(tokens.ids) + 1) / (document_frequency + 1)) + 1
+    idf[document_frequency < min_document_frequency] = 0.0
+    idf[special_ids] = 0.0
+    return idf
 
 
 class LexicalHead(nn.Module):
@@ -91,8 +109,9 @@ class LexicalHead(nn.Module):
     logistic regression computed inside the exported graph. It adds exact-word evidence, which a small
     encoder trained for minutes compresses away, for one table lookup at serving time.
 
-    `weight` has one row of class logits per feature; `idf` is 0 for special tokens, for features seen in
-    fewer than MIN_DOCUMENT_FREQUENCY training texts, and for padding, which therefore never counts.
+    `weight` has one row of class logits per feature; `idf` (`inverse_document_frequencies` with buckets
+    and MIN_DOCUMENT_FREQUENCY) is 0 for special tokens and for features seen in fewer training texts;
+    padding never counts.
     `tfidf_matrix` builds the same vectors as a sparse matrix for fitting (finetune.py fits the weights
     by L-BFGS, jointly with the linear head on the encoder's features).
     """
@@ -103,36 +122,15 @@ class LexicalHead(nn.Module):
         self.register_buffer("idf", idf.float().clone())
         self.weight = nn.Parameter(torch.zeros(idf.numel(), n_labels))
 
-    @classmethod
-    def fitted_idf(
-        cls, tokens: TokenizedTexts, vocab_size: int, buckets: int, special_ids: list[int]
-    ) -> torch.Tensor:
-        """Smoothed idf log((N + 1) / (df + 1)) + 1 of every feature over the texts (see the class)."""
-        document_frequency = torch.zeros(vocab_size + buckets)
-        for start in range(0, len(tokens.ids), 1024):
-            input_ids, attention_mask = tokens.batch(list(range(start, min(start + 1024, len(tokens.ids)))))
-            features = lexical_feature_ids(input_ids, vocab_size, buckets)
-            mask = torch.cat([attention_mask, attention_mask[:, :-1] * attention_mask[:, 1:]], dim=1).bool()
-            # One count per (text, feature): unique over keys row * features + feature.
-            rows = torch.arange(features.shape[0])[:, None].expand_as(features)
-            keys = torch.unique(rows[mask] * (vocab_size + buckets) + features[mask])
-            document_frequency += torch.bincount(
-                keys % (vocab_size + buckets), minlength=vocab_size + buckets
-            )
-        idf = torch.log((len(tokens.ids) + 1) / (document_frequency + 1)) + 1
-        idf[document_frequency < MIN_DOCUMENT_FREQUENCY] = 0.0
-        idf[special_ids] = 0.0
-        return idf
-
     def shares(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> feature ids (B, F) and each position's share (B, F) of its feature's TF-IDF value, so that
         the TF-IDF vector is the sum of share * one_hot(feature): a feature that occurs tf times carries
         idf * (1 + log tf) / tf at each occurrence, over the vector's L2 norm."""
-        mask = attention_mask.float()
-        features = lexical_feature_ids(input_ids, self.vocab_size, self.buckets)
-        feature_mask = torch.cat([mask, mask[:, :-1] * mask[:, 1:]], dim=1)
+        features, feature_mask = lexical_features(
+            input_ids, attention_mask.float(), self.vocab_size, self.buckets
+        )
         same = (features[:, :, None] == features[:, None, :]).float() * feature_mask[:, None, :]  # (B, F, F)
         tf = same.sum(dim=2).clamp(min=1.0)
         value = self.idf[features] * (1.0 + torch.log(tf)) * feature_mask  # the feature's TF-IDF value

@@ -56,7 +56,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
     from model.cross_encoder import CrossEncoder
     from model.data import TokenizedTexts
     from model.encoder import Encoder
-    from model.lexical import LexicalHead
+    from model.lexical import LexicalHead, inverse_document_frequencies
     from model.run import save_run
     from model.tokenizer import train_tokenizer
 
@@ -79,11 +79,12 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
     classifier_weights = {f"classifier.{key}": value for key, value in classifier.state_dict().items()}
     # The lexical (TF-IDF) head that `finetune classify` fits, so that every classify bundle in the suite
     # exports and serves it; its random class weights count about as much as the linear head's.
-    idf = LexicalHead.fitted_idf(
+    idf = inverse_document_frequencies(
         TokenizedTexts.encode(tokenizer, corpus.read_text().splitlines()),
         config.vocab_size,
-        buckets=1024,
         special_ids=[0, 1, 2, 3, 4],
+        buckets=1024,
+        min_document_frequency=2,
     )
     lexical = LexicalHead(idf, config.vocab_size, len(TINY_LABELS))
     torch.nn.init.normal_(lexical.weight, std=0.1)

@@ -127,6 +127,15 @@ def test_wrong_flags_and_missing_wordnet(files: dict[str, Path], capsys: pytest.
     )
 
 
+def test_heads_fit_options(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["finetune", "classify", "--init", str(files["run"]), "--train", str(files["root"] / "data.jsonl")]
+    args += ["--out", str(files["root"] / "heads")]
+    fails_with(
+        [*args, "--freeze-encoder", "--no-refit-heads"], "the heads' fit is the whole training", capsys
+    )
+    fails_with([*args, "--head-c", "0"], "--head-c", capsys)
+
+
 def test_console_script_prints_one_line(files: dict[str, Path]) -> None:
     """Through the real entry point, in a fresh process."""
     console_script = Path(sys.executable).parent / "encoder"

@@ -190,11 +190,11 @@ def test_length_chunked_embeddings_equal_one_padded_batch() -> None:
 
 def test_lexical_head_is_a_linear_model_on_the_sublinear_tfidf_of_tokens_and_bigrams() -> None:
     from model.data import TokenizedTexts
-    from model.lexical import LexicalHead
+    from model.lexical import LexicalHead, inverse_document_frequencies
 
     vocab, buckets = 50, 64
     texts = TokenizedTexts([[2, 7, 9, 7, 3], [2, 7, 9, 3], [2, 9, 11, 3], [2, 12, 3]])
-    idf = LexicalHead.fitted_idf(texts, vocab, buckets, special_ids=[0, 1, 2, 3, 4])
+    idf = inverse_document_frequencies(texts, vocab, [0, 1, 2, 3, 4], buckets, min_document_frequency=2)
     bigram = {pair: vocab + (pair[0] * 1_000_003 + pair[1]) % buckets for pair in ((7, 9), (9, 7), (2, 7))}
     # Seen in two of the four texts: log(5 / 3) + 1. In one text only (11, 12, (9, 7)): no evidence.
     for feature in (7, bigram[(7, 9)], bigram[(2, 7)]):

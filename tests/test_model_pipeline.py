@@ -199,6 +199,17 @@ def test_full_finetune_and_simcse(
         capsys,
     )
     assert result["steps"] == 5 and result["examples"] == 100 and not result["freeze_encoder"]
+    # The fine-tune is followed by the heads' L-BFGS fit on every row, which adds the lexical head;
+    # --no-refit-heads keeps the fine-tune's own linear head alone.
+    assert (
+        result["heads"]["method"] == "lbfgs" and load_run(tmp_path / "classify").build_lexical() is not None
+    )
+    result = encoder(
+        f"finetune classify --init {random_init} --train {corpus['root'] / 'classify_train.jsonl'} "
+        f"--out {tmp_path / 'kept'} --max-steps 5 --limit 100 --no-refit-heads --threads 2 --no-progress",
+        capsys,
+    )
+    assert "heads" not in result and load_run(tmp_path / "kept").build_lexical() is None
     multi = write_jsonl(
         tmp_path / "multi.jsonl",
         [{"text": s, "labels": [c, "any"] if i % 2 else [c]} for i, (c, _, s) in enumerate(sentences(3, 64))],

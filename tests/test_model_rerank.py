@@ -45,6 +45,23 @@ def pairs_rows() -> list[dict[str, str]]:
     return rows
 
 
+def pairs_task(tokenizer: Tokenizer, module: CrossEncoder) -> RerankTask:
+    """A RerankTask over pairs_rows(): each row's negative, 3 in-batch negatives, batches of 8."""
+    rows = pairs_rows()
+    return RerankTask(
+        [row["query"] for row in rows],
+        [row["positive"] for row in rows],
+        [[row["negative"]] for row in rows],
+        tokenizer,
+        module,
+        torch.device("cpu"),
+        batch_size=8,
+        in_batch_negatives=3,
+        seed=0,
+        max_seq_len=32,
+    )
+
+
 def test_pair_encoding_is_the_template_the_service_uses_cut_from_the_passage(tiny_runs: Any) -> None:
     tokenizer = load_tokenizer(tiny_runs.tokenizer)
     query, passage = "the old oak", "a small fern grows near the river bank."
@@ -86,19 +103,7 @@ class Oracle(nn.Module):
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_the_loss_wants_the_positive_first(tiny_runs: Any, sign: float) -> None:
-    rows = pairs_rows()
-    task = RerankTask(
-        [row["query"] for row in rows],
-        [row["positive"] for row in rows],
-        [[row["negative"]] for row in rows],
-        Tokenizer.from_file(str(tiny_runs.tokenizer)),
-        Oracle(sign),  # type: ignore[arg-type]
-        torch.device("cpu"),
-        batch_size=8,
-        in_batch_negatives=3,
-        seed=0,
-        max_seq_len=32,
-    )
+    task = pairs_task(Tokenizer.from_file(str(tiny_runs.tokenizer)), Oracle(sign))  # type: ignore[arg-type]
     batch = [0, 8, 16, 24, 32, 40, 48, 1]  # a row of each object, then a second "garden" row
     groups = task.candidates(batch)
     assert all(
@@ -154,21 +159,9 @@ def test_first_stage_negatives_rank_a_sample_sized_to_the_step_budget(
 
 
 def test_calibration_fits_the_first_stage_scores_to_the_loss(tiny_runs: Any) -> None:
-    rows = pairs_rows()
     run = load_run(tiny_runs.embed_run)
     module = CrossEncoder(run.build_encoder())
-    task = RerankTask(
-        [row["query"] for row in rows],
-        [row["positive"] for row in rows],
-        [[row["negative"]] for row in rows],
-        load_tokenizer(run.tokenizer_path),
-        module,
-        torch.device("cpu"),
-        batch_size=8,
-        in_batch_negatives=3,
-        seed=0,
-        max_seq_len=32,
-    )
+    task = pairs_task(load_tokenizer(run.tokenizer_path), module)
 
     def calibration_loss() -> float:
         with torch.no_grad():
