@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import encoder_cli
 
@@ -134,6 +135,24 @@ def test_heads_fit_options(files: dict[str, Path], capsys: pytest.CaptureFixture
         [*args, "--freeze-encoder", "--no-refit-heads"], "the heads' fit is the whole training", capsys
     )
     fails_with([*args, "--head-c", "0"], "--head-c", capsys)
+
+
+def test_a_classify_run_from_before_the_tfidf_head(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    old = files["root"] / "old-heads"
+    old.mkdir()
+    for name in ("config.json", "run.json", "tokenizer.json"):
+        (old / name).write_bytes((files["run"] / name).read_bytes())
+    weights = {
+        k: v for k, v in load_file(files["run"] / "model.safetensors").items() if not k.startswith("lexical.")
+    }
+    save_file(weights | {"lexical.table.weight": torch.zeros(10, 4)}, old / "model.safetensors")
+    data = old / "data.jsonl"
+    data.write_text(json.dumps({"text": "the dog sees the garden.", "label": "animal"}) + "\n")
+    fails_with(["eval", "classify", "--model", str(old), "--data", str(data)], "fit the heads again", capsys)
 
 
 def test_console_script_prints_one_line(files: dict[str, Path]) -> None:
