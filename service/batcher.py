@@ -181,11 +181,8 @@ class Batcher:
         max_queue_tokens: int,
         pad_id: int,
         metrics: ModelMetrics,
-        lone_runtime: Runtime | None = None,
     ) -> None:
         self._runtime = runtime
-        # For a batch that runs alone (nothing else running or queued): the same model on every CPU.
-        self._lone_runtime = lone_runtime
         self.limits = limits
         self._max_queue_items = max_queue_items
         self._max_queue_tokens = max_queue_tokens
@@ -366,9 +363,7 @@ class Batcher:
         delivering results) overlaps another's inference instead of leaving a core idle. Picking the
         batch here rather than on the event loop keeps the runtime busy while the loop is not free: under
         a flood of refusals each turn of the loop is long, and batches picked on the loop starved the
-        admitted work (BENCHMARKS.md, "Fair scheduling"). A batch that runs alone, with nothing else
-        running or queued, runs on the lone runtime when there is one: every CPU for the request that
-        arrives at an idle service."""
+        admitted work (BENCHMARKS.md, "Fair scheduling")."""
         assert self._loop is not None
         loop = self._loop
         lower_this_threads_priority()
@@ -377,11 +372,9 @@ class Batcher:
                 batch = self._take_batch()
                 if batch is None:
                     return
-                alone = not self._running and not self._line
                 self._running.append(batch)
-            runtime = self._lone_runtime if alone and self._lone_runtime is not None else self._runtime
             try:
-                delivery = self._run(batch, runtime)
+                delivery = self._run(batch)
             finally:
                 with self._lock:
                     self._running.remove(batch)
@@ -451,9 +444,9 @@ class Batcher:
                 return
             self._changed.wait(left)
 
-    def _run(self, batch: list[_Item], runtime: Runtime) -> Callable[[], None]:
-        """Run `batch` on this thread with `runtime`; -> what the event loop then does with the outcome
-        (deliver each item's output, or fail the batch's requests)."""
+    def _run(self, batch: list[_Item]) -> Callable[[], None]:
+        """Run `batch` on this thread; -> what the event loop then does with the outcome (deliver each
+        item's output, or fail the batch's requests)."""
         input_ids, attention_mask = pad_to_longest([item.token_ids for item in batch], self._pad_id)
         started_at = time.perf_counter()
         for item in batch:
@@ -462,7 +455,7 @@ class Batcher:
             self._metrics.queue_wait.observe(started_at - item.request.enqueued_at)
         run_started = time.perf_counter()
         try:
-            outputs = runtime.run(input_ids, attention_mask)
+            outputs = self._runtime.run(input_ids, attention_mask)
             run_seconds = time.perf_counter() - run_started
             rows = outputs.embeddings.shape[0]
             if rows != len(batch) or (outputs.logits is not None and outputs.logits.shape[0] != len(batch)):

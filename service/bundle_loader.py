@@ -3,12 +3,8 @@ warm it up, and measure what it added to the process's resident memory."""
 
 import logging
 import os
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from bundle import BundleError, Manifest, verify_bundle
 from bundle.contract import LOGITS_OUTPUT, TOKENIZER_FILE
@@ -31,8 +27,6 @@ class LoadedModel:
     # Of manifest.json, which pins every file: a reload that finds the same one changes nothing.
     manifest_sha256: str
     resident_bytes: int  # what loading and warming up added to the process's resident memory
-    # A second session on every CPU for a batch that runs alone (choose_lone_runtime); None: none.
-    lone_runtime: OnnxRuntime | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -94,9 +88,6 @@ def load_model(
         runtime.warm_up(limits.max_batch_size, manifest.max_seq_len, tokenizer.pad_id)
     except Exception as exc:  # ONNX Runtime's errors are untyped; any failure here is the graph's
         raise BundleError(f"{model_file}: the warm-up run failed ({str(exc).splitlines()[0]})") from None
-    lone_runtime = None
-    if runtime.provider == "cpu" and not settings.intra_op_threads:
-        lone_runtime = choose_lone_runtime(runtime, model_file, tokenizer.pad_id, limits.max_batch_size)
     resident_after = resident_memory_bytes()
     budget_mb = settings.memory_budget_mb
     if budget_mb is not None and resident_after > budget_mb * 2**20:
@@ -116,58 +107,5 @@ def load_model(
         resident_bytes / 2**20,
     )
     return LoadedModel(
-        bundle_dir,
-        manifest,
-        chosen,
-        runtime,
-        tokenizer,
-        limits,
-        manifest_sha256,
-        resident_bytes,
-        lone_runtime,
+        bundle_dir, manifest, chosen, runtime, tokenizer, limits, manifest_sha256, resident_bytes
     )
-
-
-# The batch a lone request makes (one text of a few words, padded) and how often each session runs it.
-LONE_BATCH_SHAPE = (1, 16)
-LONE_BATCH_RUNS = 15
-# The lone session is kept only if it runs that batch at most this share of the narrow session's time.
-LONE_SPEEDUP_REQUIRED = 0.9
-
-
-def choose_lone_runtime(
-    runtime: OnnxRuntime, model_file: Path, pad_id: int, max_batch_size: int
-) -> OnnxRuntime | None:
-    """A session with one intra-op thread per CPU for batches that run alone, if measured faster here.
-
-    Under load every run is narrow (`runtime`, one fewer thread than the CPUs, usually 1) and several
-    run at once, which serves the most texts per second; but a request that arrives at an idle service
-    runs alone and leaves the other cores idle. Its batch runs on this session instead, when on this
-    machine it takes at most LONE_SPEEDUP_REQUIRED of the narrow session's time (measured on 2 cores:
-    1.9 ms against 2.4 ms for 16 tokens, 10.7 against 12.6 ms for 128). On a host where more threads do
-    not help a small batch, the measurement says so and no second session is kept."""
-    cpus = len(os.sched_getaffinity(0))
-    if cpus <= runtime.intra_op_threads:
-        return None
-    lone = OnnxRuntime(model_file, "cpu", cpus)
-    lone.warm_up(max_batch_size, LONE_BATCH_SHAPE[1], pad_id)
-    input_ids = np.full(LONE_BATCH_SHAPE, pad_id, dtype=np.int64)
-    attention_mask = np.ones(LONE_BATCH_SHAPE, dtype=np.int64)
-    seconds: dict[int, list[float]] = {id(runtime): [], id(lone): []}
-    for _ in range(LONE_BATCH_RUNS):  # taking turns, so that a busy moment weighs on both alike
-        for session in (runtime, lone):
-            started = time.perf_counter()
-            session.run(input_ids, attention_mask)
-            seconds[id(session)].append(time.perf_counter() - started)
-    narrow, wide = (statistics.median(seconds[id(session)]) for session in (runtime, lone))
-    kept = wide <= LONE_SPEEDUP_REQUIRED * narrow
-    logger.info(
-        "a lone batch of %s tokens: %.2f ms on %d threads, %.2f ms on %d: %s",
-        LONE_BATCH_SHAPE,
-        narrow * 1000,
-        runtime.intra_op_threads,
-        wide * 1000,
-        cpus,
-        "lone batches run on every CPU" if kept else "no lone-batch session",
-    )
-    return lone if kept else None

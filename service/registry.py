@@ -160,7 +160,6 @@ class ModelRegistry:
             settings.max_queue_tokens,
             model.tokenizer.pad_id,
             metrics,
-            model.lone_runtime,
         )
         batcher.start()
         manifest = model.manifest

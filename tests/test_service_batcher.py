@@ -77,17 +77,14 @@ async def started(
     batch_limits: BatchLimits,
     max_queue_items: int = 1000,
     max_queue_tokens: int = 100_000,
-    lone_runtime: FakeRuntime | None = None,
 ) -> AsyncIterator[Batcher]:
     metrics = Metrics().add_model("tiny")
-    batcher = Batcher(runtime, batch_limits, max_queue_items, max_queue_tokens, PAD_ID, metrics, lone_runtime)
+    batcher = Batcher(runtime, batch_limits, max_queue_items, max_queue_tokens, PAD_ID, metrics)
     batcher.start()
     try:
         yield batcher
     finally:
         runtime.gate.set()
-        if lone_runtime is not None:
-            lone_runtime.gate.set()
         await batcher.stop()
 
 
@@ -127,23 +124,6 @@ def markers(result: InferenceResult) -> list[int]:
 
 def run(coroutine_factory: Callable[[], Any]) -> Any:
     return asyncio.run(coroutine_factory())
-
-
-def test_a_batch_runs_on_the_lone_runtime_only_when_nothing_else_runs_or_waits() -> None:
-    async def scenario() -> None:
-        narrow, lone = FakeRuntime(), FakeRuntime()
-        async with started(narrow, limits(concurrent_batches=2), lone_runtime=lone) as batcher:
-            assert markers(await batcher.infer([item_ids(7, 4)], deadline())) == [7]
-            assert (lone.batches, narrow.batches) == ([[7]], [])
-            lone.running.clear()
-            held = await hold_runtime(batcher, lone, marker=99)  # alone again: on the lone runtime
-            # Picked while 99 runs, by the other runner: on the narrow runtime, beside it.
-            assert markers(await batcher.infer([item_ids(8, 4)], deadline())) == [8]
-            lone.gate.set()
-            assert markers(await held) == [99]
-        assert (lone.batches, narrow.batches) == ([[7], [99]], [[8]])
-
-    run(scenario)
 
 
 def test_lone_request_runs_at_once_in_a_batch_of_one() -> None:

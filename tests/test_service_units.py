@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import orjson
@@ -21,7 +21,6 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from bundle import BundleError, load_manifest
 from bundle.runtime import ModelOutputs
-from service import bundle_loader
 from service.app import create_app
 from service.bundle_loader import choose_variant, load_model
 from service.cli import SERVE_FLAGS, add_serve_arguments, settings_overrides
@@ -388,42 +387,3 @@ def test_the_start_up_heap_is_frozen_for_the_collector(tiny_bundle: Path) -> Non
     gc.unfreeze()  # what earlier apps of this test session froze
     with TestClient(create_app(Settings(bundle=tiny_bundle))):
         assert gc.get_freeze_count() > 0
-
-
-class TimedRuntime:
-    """Stands in for OnnxRuntime in choose_lone_runtime: each run advances a shared fake clock."""
-
-    clock: ClassVar[list[float]] = [0.0]
-    seconds_per_run: ClassVar[dict[int, float]] = {1: 2.0, 2: 1.0}
-
-    def __init__(self, model_file: Path, provider: str, intra_op_threads: int) -> None:
-        self.intra_op_threads = intra_op_threads
-
-    def warm_up(self, max_batch_size: int, max_seq_len: int, pad_id: int) -> None:
-        pass
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        self.clock[0] += self.seconds_per_run[self.intra_op_threads]
-
-
-@pytest.mark.parametrize(("wide_seconds", "kept"), [(1.0, True), (1.85, False)])
-def test_a_lone_batch_session_is_kept_only_when_measured_faster(
-    monkeypatch: pytest.MonkeyPatch, wide_seconds: float, kept: bool
-) -> None:
-    monkeypatch.setattr(bundle_loader, "OnnxRuntime", TimedRuntime)
-    monkeypatch.setattr(bundle_loader.time, "perf_counter", lambda: TimedRuntime.clock[0])
-    monkeypatch.setattr(bundle_loader.os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setitem(TimedRuntime.seconds_per_run, 2, wide_seconds)
-    narrow = TimedRuntime(Path("model.onnx"), "cpu", 1)
-    lone = bundle_loader.choose_lone_runtime(narrow, Path("model.onnx"), 0, 16)  # type: ignore[arg-type]
-    assert (lone is not None) == kept
-    if lone is not None:
-        assert lone.intra_op_threads == 2
-
-
-def test_no_lone_batch_session_with_explicit_threads_or_one_cpu(
-    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert load_model(Settings(bundle=tiny_bundle, intra_op_threads=1), tiny_bundle, 1).lone_runtime is None
-    monkeypatch.setattr(bundle_loader.os, "sched_getaffinity", lambda pid: {0})
-    assert load_model(Settings(bundle=tiny_bundle), tiny_bundle, 1).lone_runtime is None
