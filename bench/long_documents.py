@@ -10,7 +10,8 @@ short-query-to-long-document task built from the manual pages installed on the m
 
 Both scorers are measured on each document cut to its first N tokens and on the whole document:
 - subword TF-IDF cosine (the lexical channel before sketching: sublinear tf, idf over the documents);
-- BM25 (k1 1.2, b 0.75, bench/baselines.py) over the words that the first N tokens cover.
+- BM25 (k1 1.2, b 0.75, bench/baselines.py) over the document's first N / r words, r being the
+  corpus's tokens per word (about as many words as N tokens cover).
 
 The tokenizer is trained on the documents as `make model` trains one (8,192 WordPiece tokens).
 Prints a Markdown table and, as its last line, the result as one JSON object.
