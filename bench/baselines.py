@@ -60,6 +60,29 @@ def bm25_rankings(
     return ranked
 
 
+def document_frequencies(token_ids: list[list[int]], vocab_size: int) -> np.ndarray:
+    """In how many of the texts (token-id lists) each vocabulary id occurs."""
+    frequency = np.zeros(vocab_size)
+    for ids in token_ids:
+        frequency[np.unique(ids)] += 1
+    return frequency
+
+
+def subword_tfidf(token_ids: list[list[int]], idf: np.ndarray) -> sparse.csr_matrix:
+    """Sublinear-tf TF-IDF rows over token ids, L2-normalised: the embedding's lexical channel before
+    it is sketched (model/lexical.py)."""
+    rows, columns, values = [], [], []
+    for row, ids in enumerate(token_ids):
+        unique, counts = np.unique(ids, return_counts=True)
+        rows += [row] * len(unique)
+        columns += list(unique)
+        values += list(1 + np.log(counts))
+    matrix = sparse.csr_matrix((values, (rows, columns)), shape=(len(token_ids), len(idf)))
+    matrix = sparse.csr_matrix(matrix @ sparse.diags(idf))
+    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel()) + 1e-12
+    return sparse.csr_matrix(sparse.diags(1 / norms) @ matrix)
+
+
 def tfidf_cosine_rankings(queries: list[str], documents: list[str], doc_ids: list[str]) -> list[list[str]]:
     vectorizer = TfidfVectorizer(sublinear_tf=True)
     doc_vectors = vectorizer.fit_transform(documents)

@@ -20,43 +20,27 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from baselines import document_frequencies, read_jsonl, subword_tfidf
 from scipy import sparse
 from tokenizers import Tokenizer
 
 from model.metrics import retrieval_metrics
+from model.tokenizer import SPECIAL_TOKENS
 
-SPECIAL_TOKENS = 5  # [PAD] [UNK] [CLS] [SEP] [MASK] come first in the project's vocabularies: idf 0
 BATCH = 256
 TEMPERATURE = 0.05
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def tfidf(token_ids: list[list[int]], idf: np.ndarray) -> sparse.csr_matrix:
-    """Sublinear-tf TF-IDF rows, L2-normalised (the sketch's input, before sketching)."""
-    rows, columns, values = [], [], []
-    for row, ids in enumerate(token_ids):
-        unique, counts = np.unique(ids, return_counts=True)
-        rows += [row] * len(unique)
-        columns += list(unique)
-        values += list(1 + np.log(counts))
-    matrix = sparse.csr_matrix((values, (rows, columns)), shape=(len(token_ids), len(idf)))
-    matrix = sparse.csr_matrix(matrix @ sparse.diags(idf))
-    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel()) + 1e-12
-    return sparse.csr_matrix(sparse.diags(1 / norms) @ matrix).astype(np.float32)
 
 
 def to_torch(matrix: sparse.csr_matrix) -> torch.Tensor:
     coo = matrix.tocoo()
     indices = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-    return torch.sparse_coo_tensor(indices, torch.from_numpy(coo.data), coo.shape).coalesce()
+    return torch.sparse_coo_tensor(
+        indices, torch.from_numpy(coo.data.astype(np.float32)), coo.shape
+    ).coalesce()
 
 
 def project(matrix: sparse.csr_matrix, table: torch.Tensor) -> torch.Tensor:
@@ -82,13 +66,10 @@ def main() -> None:
     pairs = read_jsonl(args.data / "pairs_train.jsonl")
     distinct = sorted({row["query"] for row in pairs} | {row["positive"] for row in pairs})
     vocab = tokenizer.get_vocab_size()
-    frequency = np.zeros(vocab)
-    for ids in encode(distinct):
-        frequency[np.unique(ids)] += 1
-    idf = np.log((len(distinct) + 1) / (frequency + 1)) + 1
-    idf[:SPECIAL_TOKENS] = 0.0
-    queries = tfidf(encode([row["query"] for row in pairs]), idf)
-    positives = tfidf(encode([row["positive"] for row in pairs]), idf)
+    idf = np.log((len(distinct) + 1) / (document_frequencies(encode(distinct), vocab) + 1)) + 1
+    idf[: len(SPECIAL_TOKENS)] = 0.0  # the special tokens come first in the project's vocabularies
+    queries = subword_tfidf(encode([row["query"] for row in pairs]), idf)
+    positives = subword_tfidf(encode([row["positive"] for row in pairs]), idf)
 
     column = torch.from_numpy(rng.integers(0, args.dim, vocab))
     sign = torch.from_numpy((rng.integers(0, 2, vocab) * 2 - 1).astype(np.float32))
@@ -112,8 +93,8 @@ def main() -> None:
     corpus = read_jsonl(args.data / "retrieval_corpus.jsonl")
     doc_ids = [row["id"] for row in corpus]
     relevant = [set(row["relevant"]) for row in test_queries]
-    query_vectors = tfidf(encode([row["text"] for row in test_queries]), idf)
-    doc_vectors = tfidf(encode([row["text"] for row in corpus]), idf)
+    query_vectors = subword_tfidf(encode([row["text"] for row in test_queries]), idf)
+    doc_vectors = subword_tfidf(encode([row["text"] for row in corpus]), idf)
     scores = {}
     with torch.no_grad():
         for name, weights in (("random sketch", sketch), ("learned table", table.detach())):

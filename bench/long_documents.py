@@ -26,8 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from baselines import bm25_rankings, top_ten
-from scipy import sparse
+from baselines import bm25_rankings, document_frequencies, read_jsonl, subword_tfidf, top_ten
 from tokenizers import Tokenizer
 
 from model.metrics import retrieval_metrics
@@ -87,26 +86,6 @@ def build(out: Path, man_root: Path) -> None:
     train_tokenizer([out / "pretrain.txt"], 8192, out / "tokenizer.json", show_progress=False)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def tfidf_rows(
-    token_ids: list[list[int]], vocab_size: int, idf: np.ndarray | None = None
-) -> sparse.csr_matrix:
-    rows, columns, values = [], [], []
-    for row, ids in enumerate(token_ids):
-        unique, counts = np.unique(ids, return_counts=True)
-        rows += [row] * len(unique)
-        columns += list(unique)
-        values += list(1 + np.log(counts))
-    matrix = sparse.csr_matrix((values, (rows, columns)), shape=(len(token_ids), vocab_size))
-    if idf is not None:
-        matrix = sparse.csr_matrix(matrix @ sparse.diags(idf))
-    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel()) + 1e-12
-    return sparse.csr_matrix(sparse.diags(1 / norms) @ matrix)
-
-
 def measure(data: Path) -> dict[str, object]:
     tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
     tokenizer.no_truncation()
@@ -132,9 +111,8 @@ def measure(data: Path) -> dict[str, object]:
     }
     for cut in CUTS:
         kept = [ids[: cut - 2] if cut else ids for ids in doc_tokens]  # [CLS] and [SEP] take two of them
-        frequency = np.asarray((tfidf_rows(kept, vocab) > 0).sum(axis=0)).ravel()
-        idf = np.log((len(kept) + 1) / (frequency + 1)) + 1
-        scores = tfidf_rows(query_tokens, vocab, idf) @ tfidf_rows(kept, vocab, idf).T
+        idf = np.log((len(kept) + 1) / (document_frequencies(kept, vocab) + 1)) + 1
+        scores = subword_tfidf(query_tokens, idf) @ subword_tfidf(kept, idf).T
         tfidf = retrieval_metrics(top_ten(scores, doc_ids), relevant)
         words = [" ".join(text.split()[: int(cut / tokens_per_word)]) if cut else text for text in documents]
         bm25 = retrieval_metrics(bm25_rankings([row["text"] for row in queries], words, doc_ids), relevant)
