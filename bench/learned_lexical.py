@@ -1,50 +1,35 @@
-"""A learned lexical channel: the TF-IDF vector projected by a table trained on the pairs, against the
-random count sketch the embedding uses today (issue 9, exploratory).
+"""The embedding's lexical channel alone: its table trained on the pairs, as `finetune embed` trains it,
+against the random count sketch it starts as (issue 9).
 
-    python bench/learned_lexical.py --data runs/deb/data --tokenizer runs/deb/tokenizer.json
+    cd bench && ../.venv/bin/python learned_lexical.py --data ../runs/deb/data \
+        --tokenizer ../runs/deb/tokenizer.json
 
-The embedding's lexical channel (model/lexical.py, LexicalSketch) count-sketches each text's TF-IDF
-vector to 768 dims: token t adds sign[t] * its TF-IDF value to column[t], fixed at random. Here the
-same vector is multiplied by a (vocabulary x 768) table that starts as exactly that sketch and is then
-trained on the fine-tune's own (query, positive) pairs with the contrastive loss the encoder uses
-(symmetric InfoNCE, temperature 0.05, in-batch negatives, batches of 256, Adam 1e-3, `--epochs` passes
-counted in steps). It learns which tokens matter and which go together, while the random sketch keeps
-every token apart at the price of collisions. Both are scored on the held-out retrieval split (queries
-against the whole corpus), alone, with the sketch's idf (over the distinct texts of the pairs) and
-truncation (128 tokens).
+The channel (model/lexical.py, LexicalSketch) projects each text's sublinear TF-IDF vector over the
+subword vocabulary (idf over the distinct texts of the pairs) to 768 dims by a table with one row per
+token. The table starts as a count sketch (a random sign in a random column per token) and is then
+trained on the fine-tune's (query, positive) pairs with the encoder's contrastive loss
+(LexicalSketch.train_table: symmetric InfoNCE, temperature 0.05, in-batch negatives, batches of 256,
+Adam 1e-3, `--epochs` passes counted in steps). Here it is trained on every pair of pairs_train.jsonl
+(the fine-tune holds a tenth out to weigh the channel against the encoder) and both tables are scored
+alone on the held-out retrieval split (queries against the whole corpus).
 
 Prints a Markdown table and, as its last line, the result as one JSON object.
 """
 
 import argparse
+import copy
 import json
+import math
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from baselines import document_frequencies, read_jsonl, subword_tfidf
-from scipy import sparse
-from tokenizers import Tokenizer
+from baselines import read_jsonl
 
+from model.data import TokenizedTexts
+from model.finetune import build_sketch, read_pairs, sketch_texts
+from model.lexical import TABLE_BATCH, LexicalSketch
 from model.metrics import retrieval_metrics
-from model.tokenizer import SPECIAL_TOKENS
-
-BATCH = 256
-TEMPERATURE = 0.05
-
-
-def to_torch(matrix: sparse.csr_matrix) -> torch.Tensor:
-    coo = matrix.tocoo()
-    indices = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-    return torch.sparse_coo_tensor(
-        indices, torch.from_numpy(coo.data.astype(np.float32)), coo.shape
-    ).coalesce()
-
-
-def project(matrix: sparse.csr_matrix, table: torch.Tensor) -> torch.Tensor:
-    return F.normalize(torch.sparse.mm(to_torch(matrix), table), dim=1)
+from model.tokenizer import load_tokenizer
 
 
 def main() -> None:
@@ -55,64 +40,38 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    tokenizer = Tokenizer.from_file(str(args.tokenizer))
-    tokenizer.enable_truncation(128)
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return [encoding.ids[1:-1] for encoding in tokenizer.encode_batch(texts)]
-
-    pairs = read_jsonl(args.data / "pairs_train.jsonl")
-    distinct = sorted({row["query"] for row in pairs} | {row["positive"] for row in pairs})
-    vocab = tokenizer.get_vocab_size()
-    idf = np.log((len(distinct) + 1) / (document_frequencies(encode(distinct), vocab) + 1)) + 1
-    idf[: len(SPECIAL_TOKENS)] = 0.0  # the special tokens come first in the project's vocabularies
-    queries = subword_tfidf(encode([row["query"] for row in pairs]), idf)
-    positives = subword_tfidf(encode([row["positive"] for row in pairs]), idf)
-
-    column = torch.from_numpy(rng.integers(0, args.dim, vocab))
-    sign = torch.from_numpy((rng.integers(0, 2, vocab) * 2 - 1).astype(np.float32))
-    sketch = torch.zeros(vocab, args.dim)
-    sketch[torch.arange(vocab), column] = sign
-    table = torch.nn.Parameter(sketch.clone())
-    optimizer = torch.optim.Adam([table], lr=1e-3)
-    steps = int(args.epochs * queries.shape[0] / BATCH)
+    tokenizer = load_tokenizer(args.tokenizer)
+    pairs = read_pairs(args.data / "pairs_train.jsonl")
+    learned = build_sketch(pairs, tokenizer, tokenizer.get_vocab_size(), args.dim, args.seed)
+    sketch = copy.deepcopy(learned)
+    steps = math.ceil(args.epochs * len(pairs.queries) / min(TABLE_BATCH, len(pairs.queries)))
     started = time.perf_counter()
-    labels = torch.arange(BATCH)
-    for _ in range(steps):
-        rows = rng.choice(queries.shape[0], BATCH, replace=False)
-        logits = project(queries[rows], table) @ project(positives[rows], table).T / TEMPERATURE
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    queries = TokenizedTexts.encode(tokenizer, pairs.queries)
+    positives = TokenizedTexts.encode(tokenizer, pairs.positives)
+    losses = learned.train_table(queries, positives, steps, args.seed)
     seconds = time.perf_counter() - started
 
     test_queries = read_jsonl(args.data / "retrieval_queries.jsonl")
     corpus = read_jsonl(args.data / "retrieval_corpus.jsonl")
     doc_ids = [row["id"] for row in corpus]
     relevant = [set(row["relevant"]) for row in test_queries]
-    query_vectors = subword_tfidf(encode([row["text"] for row in test_queries]), idf)
-    doc_vectors = subword_tfidf(encode([row["text"] for row in corpus]), idf)
     scores = {}
-    with torch.no_grad():
-        for name, weights in (("random sketch", sketch), ("learned table", table.detach())):
-            similarity = project(query_vectors, weights) @ project(doc_vectors, weights).T
-            top = similarity.topk(10, dim=1).indices.tolist()
-            ranked = [[doc_ids[index] for index in row] for row in top]
-            scores[name] = retrieval_metrics(ranked, relevant)
-    print(f"{len(pairs)} training pairs, {steps} steps in {seconds:.0f} s; {len(test_queries)} queries")
+    channel: LexicalSketch
+    for name, channel in (("random count sketch", sketch), ("trained table", learned)):
+        query_vectors = sketch_texts(channel, tokenizer, [row["text"] for row in test_queries])
+        doc_vectors = sketch_texts(channel, tokenizer, [row["text"] for row in corpus])
+        top = (query_vectors @ doc_vectors.T).topk(10, dim=1).indices.tolist()
+        scores[name] = retrieval_metrics([[doc_ids[index] for index in row] for row in top], relevant)
+    print(
+        f"{len(pairs.queries)} training pairs, {steps} steps in {seconds:.0f} s; {len(test_queries)} queries"
+    )
     print("\n| lexical channel alone | R@1 | R@10 | MRR@10 |\n|---|---:|---:|---:|")
     for name, metrics in scores.items():
         print(
             f"| {name} | {metrics['recall@1']:.3f} | {metrics['recall@10']:.3f} | {metrics['mrr@10']:.3f} |"
         )
-    print(
-        json.dumps(
-            {"pairs": len(pairs), "steps": steps, "train_seconds": round(seconds, 1), "scores": scores}
-        )
-    )
+    result = {"pairs": len(pairs.queries), "steps": steps, "train_seconds": round(seconds, 1), **losses}
+    print(json.dumps({**result, "scores": scores}))
 
 
 if __name__ == "__main__":

@@ -190,7 +190,14 @@ def register(subparsers: Any) -> None:
         "--lexical-dim",
         type=int,
         default=768,
-        help="dims of the embedding's lexical channel, a sketch of the text's TF-IDF vector (0: none)",
+        help="dims of the embedding's lexical channel, the text's TF-IDF vector projected by a table "
+        "trained on the pairs (0: none)",
+    )
+    embed.add_argument(
+        "--lexical-epochs",
+        type=float,
+        default=3.0,
+        help="passes over the pairs that train the lexical channel's table (0: keep its random count sketch)",
     )
     embed.add_argument(
         "--lexical-weight",
@@ -494,6 +501,7 @@ def run_finetune_embed(args: argparse.Namespace) -> dict[str, Any]:
         mine_negatives=args.mine_negatives,
         lexical_dim=args.lexical_dim,
         lexical_weight=args.lexical_weight,
+        lexical_epochs=args.lexical_epochs,
         teacher=args.teacher,
         teacher_weight=args.teacher_weight,
         teacher_temperature=args.teacher_temperature,

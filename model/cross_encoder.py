@@ -150,6 +150,9 @@ def cross_encoder_from_state(encoder: Encoder, state: dict[str, torch.Tensor]) -
             key.removeprefix("sketch."): value for key, value in state.items() if key.startswith("sketch.")
         }
         sketch = LexicalSketch.from_state(sketch_state, sketch_dim)
+        # In the layout of today's channel, whatever layout the run was saved in.
+        state = {key: value for key, value in state.items() if not key.startswith("sketch.")}
+        state.update({f"sketch.{key}": value for key, value in sketch.state_dict().items()})
     module = CrossEncoder(encoder, sketch, float(state["sketch_weight"]))
     module.load_state_dict({**state, **{f"encoder.{k}": v for k, v in encoder.state_dict().items()}})
     return module

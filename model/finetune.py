@@ -38,6 +38,7 @@ from model.errors import ModelError
 from model.evaluate import INFERENCE_BATCH, infer, read_classification_rows, score_classifier
 from model.lexical import (
     MIN_DOCUMENT_FREQUENCY,
+    TABLE_BATCH,
     LexicalHead,
     LexicalSketch,
     hybrid_embedding,
@@ -114,6 +115,9 @@ class EmbedOptions:
     # the encoder's cosine (None: the best of SKETCH_WEIGHTS on held-out training pairs).
     lexical_dim: int = 768
     lexical_weight: float | None = None
+    # Passes over the pairs that train the channel's table (LexicalSketch.train_table), counted in steps;
+    # 0 keeps the random count sketch (as does SimCSE, which has no pairs to learn from).
+    lexical_epochs: float = 3.0
     # Distillation on the pairs: a teacher bundle's query x document similarities in each batch become
     # soft targets, `teacher_weight` of the loss (the rest is InfoNCE on the pairs' own labels).
     teacher: Path | None = None
@@ -165,7 +169,8 @@ FIRST_STAGE_NEGATIVES = 3  # negatives per query drawn from there
 FIRST_STAGE_SAMPLE = 6  # rows ranked per row a step budget trains on (WordNet: a quarter are kept)
 DEFAULT_CLASSIFY_LR = 5e-4
 SPECIAL_IDS = list(range(len(SPECIAL_TOKENS)))
-SKETCH_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+# Up to 8: a trained lexical table can rank better than a small encoder, which then only breaks its ties.
+SKETCH_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_SKETCH_WEIGHT = 1.0  # when there are too few pairs to hold some out (or SimCSE, which has none)
 VALIDATION_PAIRS = 1000  # at most; a tenth of the pairs when there are fewer than 10,000
 MIN_VALIDATION_PAIRS = 32
@@ -734,6 +739,26 @@ def build_sketch(pairs: Pairs, tokenizer: Any, vocab_size: int, dim: int, seed: 
     return LexicalSketch(idf, dim, seed)
 
 
+def train_sketch_table(
+    sketch: LexicalSketch, pairs: Pairs, tokenizer: Any, options: EmbedOptions
+) -> dict[str, Any]:
+    """Train the lexical channel's table on the training pairs for `lexical_epochs` passes, counted in
+    steps of LexicalSketch's batch so that the outcome does not depend on the machine."""
+    started = time.perf_counter()
+    queries = TokenizedTexts.encode(tokenizer, pairs.queries)
+    positives = TokenizedTexts.encode(tokenizer, pairs.positives)
+    batch = min(TABLE_BATCH, len(pairs.queries))
+    steps = math.ceil(options.lexical_epochs * len(pairs.queries) / batch)
+    losses = sketch.train_table(queries, positives, steps, options.seed)
+    seconds = time.perf_counter() - started
+    return {
+        "steps": steps,
+        "batch": batch,
+        **{k: round(v, 4) for k, v in losses.items()},
+        "seconds": round(seconds, 1),
+    }
+
+
 @torch.no_grad()
 def sketch_texts(sketch: LexicalSketch, tokenizer: Any, texts: list[str]) -> torch.Tensor:
     tokens = TokenizedTexts.encode(tokenizer, texts)
@@ -772,6 +797,10 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
         raise ModelError(f"matryoshka dims must be smaller than the model's dim {run.config.n_embd}")
     if options.lexical_dim < 0:
         raise ModelError(f"lexical_dim must be 0 (none) or positive, not {options.lexical_dim}")
+    if options.lexical_epochs < 0:
+        raise ModelError(
+            f"lexical_epochs must be 0 (keep the random sketch) or more, not {options.lexical_epochs}"
+        )
     tokenizer = load_tokenizer(run.tokenizer_path)
     pairs = read_pairs(options.train, options.limit)
     held_out = None
@@ -836,6 +865,8 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
     sketch, sketch_weight = None, 0.0
     if options.lexical_dim:
         sketch = build_sketch(pairs, tokenizer, run.config.vocab_size, options.lexical_dim, options.seed)
+        if options.lexical_epochs and not pairs.simcse:
+            summary["lexical_table"] = train_sketch_table(sketch, pairs, tokenizer, options)
         sketch_weight = DEFAULT_SKETCH_WEIGHT if options.lexical_weight is None else options.lexical_weight
         if held_out is not None:
             encoder.eval()

@@ -15,42 +15,110 @@ from model.data import TokenizedTexts
 
 
 class LexicalSketch(nn.Module):
-    """The text's TF-IDF vector over the tokenizer's vocabulary (sublinear tf, L2-normalised), count-
-    sketched (Charikar et al. 2002) to `dim` dimensions so that it fits in a dense embedding.
+    """The text's TF-IDF vector over the tokenizer's vocabulary (sublinear tf), projected to `dim`
+    dimensions by a table with one row per token, then L2-normalised.
 
-    Token t adds sign[t] * idf[t] to dimension column[t]. The sketch preserves inner products in
-    expectation, so the cosine of two sketches estimates the TF-IDF cosine of the two texts, with noise
-    of order 1/sqrt(dim) from hash collisions. Subword tokens make it match across inflections
-    ("owlish" shares "owl"), which word-level BM25 cannot. Special tokens and padding carry idf 0.
+    The table starts as a count sketch (Charikar et al. 2002): row t is sign[t] in dimension column[t],
+    drawn at random. That preserves inner products in expectation, so the cosine of two projections
+    estimates the TF-IDF cosine of the two texts, with noise of order 1/sqrt(dim) from hash collisions.
+    `train_table` then trains the table on (query, positive) pairs with the encoder's contrastive loss:
+    it learns which tokens matter for matching and which go together (synonyms, a word's subwords), which
+    no fixed weighting such as BM25's can. Subword tokens make it match across inflections ("owlish"
+    shares "owl"). Special tokens and padding carry idf 0.
     """
 
     def __init__(self, idf: torch.Tensor, dim: int, seed: int = 0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         vocab_size = idf.numel()
-        self.register_buffer("idf", idf.float().clone())
-        self.register_buffer("column", torch.randint(0, dim, (vocab_size,), generator=generator))
+        column = torch.randint(0, dim, (vocab_size,), generator=generator)
         sign = torch.randint(0, 2, (vocab_size,), generator=generator).float() * 2 - 1
-        self.register_buffer("sign", sign)
+        self.register_buffer("idf", idf.float().clone())
+        # A buffer, not a parameter: only `train_table` trains it, never an optimiser of the encoder.
+        self.register_buffer("table", _count_sketch(column, sign, dim))
         self.dim = dim
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], dim: int) -> "LexicalSketch":
-        """Rebuild a saved sketch (its columns and signs are stored, not drawn again)."""
+        """Rebuild a saved channel; runs saved before the table was learned hold the sketch's columns and
+        signs instead of the table."""
+        if "table" not in state and {"column", "sign"} <= set(state):
+            state = {"idf": state["idf"], "table": _count_sketch(state["column"], state["sign"], dim)}
         sketch = cls(state["idf"], dim)
         sketch.load_state_dict(state)
         return sketch
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.float()  # (B, T)
-        # How often each position's token occurs in its text, so that each occurrence carries an equal
-        # share of the token's sublinear weight idf * (1 + log tf).
+    def shares(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Each position's share (B, T) of its token's sublinear TF-IDF value idf * (1 + log tf): a token
+        that occurs tf times carries a 1/tf part of it at each occurrence."""
+        mask = attention_mask.float()
         same = (input_ids[:, :, None] == input_ids[:, None, :]).float() * mask[:, None, :]  # (B, T, T)
         tf = same.sum(dim=2).clamp(min=1.0)  # (B, T)
-        share = self.idf[input_ids] * (1.0 + torch.log(tf)) / tf * mask  # (B, T)
-        sketch = torch.zeros(input_ids.shape[0], self.dim, dtype=share.dtype, device=share.device)
-        sketch = sketch.scatter_add(1, self.column[input_ids], share * self.sign[input_ids])  # (B, dim)
-        return F.normalize(sketch, dim=1)
+        return self.idf[input_ids] * (1.0 + torch.log(tf)) / tf * mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        share = self.shares(input_ids, attention_mask)
+        # A gather and a weighted sum rather than a matrix product, which int8 export would quantise.
+        projected = (self.table[input_ids] * share.unsqueeze(-1)).sum(dim=1)  # (B, dim)
+        return F.normalize(projected, dim=1)
+
+    def tfidf_matrix(self, tokens: TokenizedTexts) -> torch.Tensor:
+        """The texts' TF-IDF vectors as a sparse (texts, vocabulary) matrix: its product with the table is
+        what `forward` sums, for training the table without gathering rows per position."""
+        parts = []
+        for start in range(0, len(tokens.ids), 256):
+            input_ids, attention_mask = tokens.batch(list(range(start, min(start + 256, len(tokens.ids)))))
+            share = self.shares(input_ids, attention_mask)
+            rows = torch.arange(input_ids.shape[0])[:, None].expand_as(input_ids) + start
+            parts.append((rows.flatten(), input_ids.flatten(), share.flatten()))
+        rows, ids, share = (torch.cat(column) for column in zip(*parts, strict=True))
+        keep = share != 0
+        size = (len(tokens.ids), self.table.shape[0])
+        indices = torch.stack([rows[keep], ids[keep]])
+        return torch.sparse_coo_tensor(indices, share[keep], size, check_invariants=False).coalesce()
+
+    def train_table(
+        self, queries: TokenizedTexts, positives: TokenizedTexts, steps: int, seed: int
+    ) -> dict[str, float]:
+        """`steps` steps of symmetric InfoNCE (in-batch negatives, TABLE_TEMPERATURE) of each query's
+        projection against its positive's, batches of TABLE_BATCH pairs drawn without replacement,
+        Adam at TABLE_LR. -> the first and last steps' losses."""
+        query_matrix, positive_matrix = self.tfidf_matrix(queries), self.tfidf_matrix(positives)
+        rows = query_matrix.shape[0]
+        batch = min(TABLE_BATCH, rows)
+        table = nn.Parameter(self.table.clone())
+        optimizer = torch.optim.Adam([table], lr=TABLE_LR)
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.arange(batch)
+        losses = []
+        for _ in range(steps):
+            chosen = torch.randperm(rows, generator=generator)[:batch]
+            query = F.normalize(torch.sparse.mm(query_matrix.index_select(0, chosen), table), dim=1)
+            positive = F.normalize(torch.sparse.mm(positive_matrix.index_select(0, chosen), table), dim=1)
+            logits = query @ positive.T / TABLE_TEMPERATURE
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        with torch.no_grad():
+            self.table.copy_(table)
+        return {"first_loss": losses[0], "last_loss": losses[-1]} if losses else {}
+
+
+# Training the lexical table (`LexicalSketch.train_table`): the contrastive recipe of the encoder's
+# fine-tune, with larger batches (a step is cheap) and a learning rate that moves the table's unit
+# entries within a few hundred steps.
+TABLE_BATCH = 256
+TABLE_LR = 1e-3
+TABLE_TEMPERATURE = 0.05
+
+
+def _count_sketch(column: torch.Tensor, sign: torch.Tensor, dim: int) -> torch.Tensor:
+    """(vocabulary, dim) table whose row t is sign[t] in dimension column[t] and 0 elsewhere."""
+    table = torch.zeros(column.numel(), dim)
+    table[torch.arange(column.numel()), column] = sign.float()
+    return table
 
 
 def hybrid_embedding(dense: torch.Tensor, lexical: torch.Tensor, weight: float) -> torch.Tensor:

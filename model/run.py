@@ -116,7 +116,7 @@ class LoadedRun:
         if not self.sketch_dim:
             return None
         state = _prefixed(self.weights, "sketch.")
-        if set(state) != {"idf", "column", "sign"}:
+        if set(state) not in ({"idf", "table"}, {"idf", "column", "sign"}):  # the latter: before the table
             message = f"{self.path / WEIGHTS_FILE}: run.json has a lexical sketch but the weights lack it"
             raise ModelError(message)
         return LexicalSketch.from_state(state, self.sketch_dim)

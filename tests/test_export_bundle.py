@@ -183,8 +183,9 @@ def test_export_refuses_unknown_variant(tiny_runs: Any, tmp_path: Path) -> None:
 
 
 def test_lexical_channel_exports_through_the_gates(tiny_runs: Any, tmp_path: Path) -> None:
-    """An embed run with a lexical sketch: the graph computes the unit-norm hybrid embedding, whose
-    lexical part is the sketch's, and the fp32 and int8 gates pass."""
+    """An embed run with a lexical channel whose table was trained (dense, unlike the count sketch it
+    starts as): the graph computes the unit-norm hybrid embedding, whose lexical part is the channel's,
+    and the fp32 and int8 gates pass."""
     import torch
 
     from export.bundle_writer import ExportOptions, write_bundle
@@ -196,6 +197,7 @@ def test_lexical_channel_exports_through_the_gates(tiny_runs: Any, tmp_path: Pat
     idf = torch.linspace(0.5, 3.0, embed.config.vocab_size)
     idf[:5] = 0.0
     sketch = LexicalSketch(idf, dim=16, seed=1)
+    sketch.table.add_(0.3 * torch.randn(sketch.table.shape, generator=torch.Generator().manual_seed(1)))
     run = save_run(
         tmp_path / "run",
         kind="embed",

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import EncoderConfig
+from model.data import TokenizedTexts
 from model.electra import (
     ReplacedTokenDetectionModel,
     choose_positions,
@@ -16,6 +17,8 @@ from model.electra import (
     replaced_token_loss,
 )
 from model.finetune import class_weights, contrastive_loss
+from model.lexical import LexicalSketch
+from model.metrics import retrieval_metrics
 from model.negatives import first_stage_negatives, mine_bm25_negatives
 from model.tokenizer import MASK_ID, SPECIAL_TOKENS
 from model.training import LoopState, Schedule, StepResult, TrainLoop, batch_rows
@@ -221,20 +224,67 @@ def test_lexical_head_is_a_linear_model_on_the_sublinear_tfidf_of_tokens_and_big
     assert matrix.to_dense()[3].abs().sum() == 0  # nothing in text 3 was seen twice
 
 
-def test_lexical_sketch_is_the_sublinear_tfidf_vector_hashed_and_ignores_padding() -> None:
-    from model.lexical import LexicalSketch
-
+def test_lexical_sketch_is_the_sublinear_tfidf_vector_projected_and_ignores_padding() -> None:
     idf = torch.rand(50) + 0.5
     idf[:5] = 0.0  # special tokens
     sketch = LexicalSketch(idf, dim=16, seed=3)
+    # Untrained, the table is a count sketch: one +-1 per token row.
+    assert torch.equal((sketch.table != 0).sum(dim=1), torch.ones(50, dtype=torch.long))
+    assert set(sketch.table.abs().sum(dim=1).tolist()) == {1.0}
     ids, mask = torch.tensor([[2, 7, 9, 7, 3, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
     expected = torch.zeros(16)
     for token, tf in ((7, 2), (9, 1)):  # [CLS] and [SEP] carry nothing; 7 occurs twice
-        expected[sketch.column[token]] += sketch.sign[token] * idf[token] * (1 + math.log(tf))
+        expected += sketch.table[token] * idf[token] * (1 + math.log(tf))
     torch.testing.assert_close(sketch(ids, mask)[0], expected / expected.norm())
     torch.testing.assert_close(sketch(torch.tensor([[2, 7, 9, 7, 3, 44, 45]]), mask), sketch(ids, mask))
     rebuilt = LexicalSketch.from_state(sketch.state_dict(), 16)
     torch.testing.assert_close(rebuilt(ids, mask), sketch(ids, mask))
+    # Runs saved before the table was learned hold the sketch's columns and signs.
+    column, sign = sketch.table.abs().argmax(dim=1), sketch.table.sum(dim=1)
+    old = LexicalSketch.from_state({"idf": idf, "column": column, "sign": sign}, 16)
+    torch.testing.assert_close(old(ids, mask), sketch(ids, mask))
+
+
+def _synonym_pairs(count: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Queries of 3 tokens from 10-39 and positives of their synonyms (token + 30) in another order, with
+    [CLS]=2 and [SEP]=3 around: no token is shared, so TF-IDF cannot match a query to its positive."""
+    generator = torch.Generator().manual_seed(seed)
+    queries, positives = [], []
+    for _ in range(count):
+        words = (torch.randperm(30, generator=generator)[:3] + 10).tolist()
+        queries.append([2, *words, 3])
+        positives.append([2, *[word + 30 for word in reversed(words)], 3])
+    return queries, positives
+
+
+def _held_out_mrr(sketch: LexicalSketch, queries: list[list[int]], positives: list[list[int]]) -> float:
+    with torch.no_grad():
+        query = sketch(*TokenizedTexts(queries).batch(list(range(len(queries)))))
+        positive = sketch(*TokenizedTexts(positives).batch(list(range(len(positives)))))
+    top = (query @ positive.T).topk(10, dim=1).indices.tolist()
+    return retrieval_metrics(top, [{row} for row in range(len(queries))])["mrr@10"]
+
+
+def test_lexical_table_learns_from_pairs_what_goes_together_and_nothing_from_shuffled_pairs() -> None:
+    idf = torch.ones(80)
+    idf[:5] = 0.0
+    queries, positives = _synonym_pairs(600, seed=0)
+    test_queries, test_positives = _synonym_pairs(100, seed=1)  # new combinations of the same words
+    untrained = _held_out_mrr(LexicalSketch(idf, dim=32), test_queries, test_positives)
+    trained = LexicalSketch(idf, dim=32)
+    losses = trained.train_table(TokenizedTexts(queries), TokenizedTexts(positives), steps=150, seed=0)
+    assert losses["last_loss"] < losses["first_loss"] / 2, losses
+    shuffled = LexicalSketch(idf, dim=32)
+    order = torch.randperm(600, generator=torch.Generator().manual_seed(2)).tolist()
+    shuffled.train_table(
+        TokenizedTexts(queries), TokenizedTexts([positives[row] for row in order]), steps=150, seed=0
+    )
+    figures = {
+        "untrained": untrained,
+        "trained": _held_out_mrr(trained, test_queries, test_positives),
+        "shuffled": _held_out_mrr(shuffled, test_queries, test_positives),
+    }
+    assert figures["trained"] > 0.8 and figures["untrained"] < 0.3 and figures["shuffled"] < 0.3, figures
 
 
 def test_hybrid_embedding_cosine_is_the_weighted_mean_of_both_cosines() -> None:
