@@ -70,12 +70,14 @@ lint: $(BIN)/encoder system-deps
 
 # The default bundle, end to end from the WordNet demo data (BENCHMARKS.md, "The default model"):
 # data -> tokenizer -> MLM pretraining -> contrastive fine-tune (the encoder /embed serves, plus the
-# embedding's lexical channel weighted on held-out pairs) -> the classification heads on that frozen
+# embedding's lexical channel, its table trained on the same pairs, weighted on held-out pairs) -> the
+# classification heads on that frozen
 # encoder, fitted on every training row as one class-weighted logistic regression (L-BFGS): a linear
 # head on its embedding plus a lexical head on the text's TF-IDF of tokens and bigrams -> export fp32 +
 # int8 (parity-gated, int8 also by accuracy on the held-out split). Budgets are steps and iterations,
-# so the result does not depend on how busy the machine is (24 min 43 s measured on 2 idle cores,
-# SEED=2, 30 Nov 2026; 29 min 46 s in an earlier, slower measurement). The bundle's manifest
+# so the result does not depend on how busy the machine is (18 min 47 s measured on 2 idle cores,
+# seed 0, 30 Nov 2026, the lexical table's 1,740 steps included; 24-30 min in earlier, slower
+# measurements: steps vary in speed from process to process). The bundle's manifest
 # holds each step's training summary and the held-out classification and retrieval figures.
 MODEL_RUNS ?= runs/default
 PRETRAIN_STEPS ?= 600
