@@ -197,7 +197,8 @@ def register(subparsers: Any) -> None:
         "--lexical-epochs",
         type=float,
         default=3.0,
-        help="passes over the pairs that train the lexical channel's table (0: keep its random count sketch)",
+        help="passes over the pairs that train the lexical channel's table, at least 300 steps "
+        "(0: keep its random count sketch)",
     )
     embed.add_argument(
         "--lexical-weight",
