@@ -70,7 +70,7 @@ def document_frequencies(token_ids: list[list[int]], vocab_size: int) -> np.ndar
 
 def subword_tfidf(token_ids: list[list[int]], idf: np.ndarray) -> sparse.csr_matrix:
     """Sublinear-tf TF-IDF rows over token ids, L2-normalised: the embedding's lexical channel before
-    it is sketched (model/lexical.py)."""
+    its table projects it (model/lexical.py)."""
     rows, columns, values = [], [], []
     for row, ids in enumerate(token_ids):
         unique, counts = np.unique(ids, return_counts=True)

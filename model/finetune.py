@@ -744,17 +744,15 @@ def build_sketch(pairs: Pairs, tokenizer: Any, vocab_size: int, dim: int, seed: 
 
 
 def train_sketch_table(
-    sketch: LexicalSketch, pairs: Pairs, tokenizer: Any, options: EmbedOptions
+    sketch: LexicalSketch, queries: TokenizedTexts, positives: TokenizedTexts, epochs: float, seed: int
 ) -> dict[str, Any]:
-    """Train the lexical channel's table on the training pairs for `lexical_epochs` passes, counted in
+    """Train the lexical channel's table on (query, positive) pairs for `epochs` passes, counted in
     steps of LexicalSketch's batch so that the outcome does not depend on the machine, and for at least
     MIN_TABLE_STEPS steps."""
     started = time.perf_counter()
-    queries = TokenizedTexts.encode(tokenizer, pairs.queries)
-    positives = TokenizedTexts.encode(tokenizer, pairs.positives)
-    batch = min(TABLE_BATCH, len(pairs.queries))
-    steps = max(math.ceil(options.lexical_epochs * len(pairs.queries) / batch), MIN_TABLE_STEPS)
-    losses = sketch.train_table(queries, positives, steps, options.seed)
+    batch = min(TABLE_BATCH, len(queries.ids))
+    steps = max(math.ceil(epochs * len(queries.ids) / batch), MIN_TABLE_STEPS)
+    losses = sketch.train_table(queries, positives, steps, seed)
     seconds = time.perf_counter() - started
     return {
         "steps": steps,
@@ -871,7 +869,9 @@ def finetune_embed(options: EmbedOptions) -> dict[str, Any]:
     if options.lexical_dim:
         sketch = build_sketch(pairs, tokenizer, run.config.vocab_size, options.lexical_dim, options.seed)
         if options.lexical_epochs and not pairs.simcse:
-            summary["lexical_table"] = train_sketch_table(sketch, pairs, tokenizer, options)
+            summary["lexical_table"] = train_sketch_table(
+                sketch, task.queries, task.positives, options.lexical_epochs, options.seed
+            )
         sketch_weight = DEFAULT_SKETCH_WEIGHT if options.lexical_weight is None else options.lexical_weight
         if held_out is not None:
             encoder.eval()

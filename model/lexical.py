@@ -6,6 +6,7 @@ modules here add that evidence back inside the exported graph, as table lookups 
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,34 +49,17 @@ class LexicalSketch(nn.Module):
         sketch.load_state_dict(state)
         return sketch
 
-    def shares(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Each position's share (B, T) of its token's sublinear TF-IDF value idf * (1 + log tf): a token
-        that occurs tf times carries a 1/tf part of it at each occurrence."""
-        mask = attention_mask.float()
-        same = (input_ids[:, :, None] == input_ids[:, None, :]).float() * mask[:, None, :]  # (B, T, T)
-        tf = same.sum(dim=2).clamp(min=1.0)  # (B, T)
-        return self.idf[input_ids] * (1.0 + torch.log(tf)) / tf * mask
+    def shares(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the token ids (B, T) and each position's share (B, T) of its token's TF-IDF value."""
+        return input_ids, occurrence_shares(input_ids, attention_mask.float(), self.idf)[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        share = self.shares(input_ids, attention_mask)
+        _, share = self.shares(input_ids, attention_mask)
         # A gather and a weighted sum rather than a matrix product, which int8 export would quantise.
         projected = (self.table[input_ids] * share.unsqueeze(-1)).sum(dim=1)  # (B, dim)
         return F.normalize(projected, dim=1)
-
-    def tfidf_matrix(self, tokens: TokenizedTexts) -> torch.Tensor:
-        """The texts' TF-IDF vectors as a sparse (texts, vocabulary) matrix: its product with the table is
-        what `forward` sums, for training the table without gathering rows per position."""
-        parts = []
-        for start in range(0, len(tokens.ids), 256):
-            input_ids, attention_mask = tokens.batch(list(range(start, min(start + 256, len(tokens.ids)))))
-            share = self.shares(input_ids, attention_mask)
-            rows = torch.arange(input_ids.shape[0])[:, None].expand_as(input_ids) + start
-            parts.append((rows.flatten(), input_ids.flatten(), share.flatten()))
-        rows, ids, share = (torch.cat(column) for column in zip(*parts, strict=True))
-        keep = share != 0
-        size = (len(tokens.ids), self.table.shape[0])
-        indices = torch.stack([rows[keep], ids[keep]])
-        return torch.sparse_coo_tensor(indices, share[keep], size, check_invariants=False).coalesce()
 
     def train_table(
         self, queries: TokenizedTexts, positives: TokenizedTexts, steps: int, seed: int
@@ -83,7 +67,11 @@ class LexicalSketch(nn.Module):
         """`steps` steps of symmetric InfoNCE (in-batch negatives, TABLE_TEMPERATURE) of each query's
         projection against its positive's, batches of TABLE_BATCH pairs drawn without replacement,
         Adam at TABLE_LR. -> the first and last steps' losses."""
-        query_matrix, positive_matrix = self.tfidf_matrix(queries), self.tfidf_matrix(positives)
+        # Its product with the table is what `forward` sums, without gathering table rows per position.
+        query_matrix, positive_matrix = (
+            sparse_shares(tokens, list(range(len(tokens.ids))), self.shares, self.table.shape[0])
+            for tokens in (queries, positives)
+        )
         rows = query_matrix.shape[0]
         batch = min(TABLE_BATCH, rows)
         table = nn.Parameter(self.table.clone())
@@ -112,6 +100,36 @@ class LexicalSketch(nn.Module):
 TABLE_BATCH = 256
 TABLE_LR = 1e-3
 TABLE_TEMPERATURE = 0.05
+
+
+def occurrence_shares(
+    features: torch.Tensor, mask: torch.Tensor, idf: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> each position's share (B, F) of its feature's sublinear TF-IDF value idf * (1 + log tf), and
+    tf (B, F): a feature that occurs tf times in its text carries a 1/tf part of it at each occurrence,
+    so that summing over positions gives the TF-IDF vector. Padding (mask 0) carries nothing."""
+    same = (features[:, :, None] == features[:, None, :]).float() * mask[:, None, :]  # (B, F, F)
+    tf = same.sum(dim=2).clamp(min=1.0)
+    return idf[features] * (1.0 + torch.log(tf)) / tf * mask, tf
+
+
+Shares = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def sparse_shares(tokens: TokenizedTexts, rows: list[int], shares: Shares, width: int) -> torch.Tensor:
+    """The vectors that `shares` (ids and mask -> feature ids and each position's share) sums, for
+    `rows` of `tokens`, as a sparse (rows, width) matrix: what the tables are fitted and trained on."""
+    parts = []
+    for start in range(0, len(rows), 256):
+        input_ids, attention_mask = tokens.batch(rows[start : start + 256])
+        features, share = shares(input_ids, attention_mask)
+        row_ids = torch.arange(features.shape[0], device=features.device)[:, None].expand_as(features)
+        parts.append((row_ids.flatten() + start, features.flatten(), share.flatten()))
+    row_ids, features, share = (torch.cat(column) for column in zip(*parts, strict=True))
+    keep = share != 0
+    indices = torch.stack([row_ids[keep], features[keep]])
+    size = (len(rows), width)
+    return torch.sparse_coo_tensor(indices, share[keep], size, check_invariants=False).coalesce()
 
 
 def _count_sketch(column: torch.Tensor, sign: torch.Tensor, dim: int) -> torch.Tensor:
@@ -199,25 +217,19 @@ class LexicalHead(nn.Module):
         features, feature_mask = lexical_features(
             input_ids, attention_mask.float(), self.vocab_size, self.buckets
         )
-        same = (features[:, :, None] == features[:, None, :]).float() * feature_mask[:, None, :]  # (B, F, F)
-        tf = same.sum(dim=2).clamp(min=1.0)
-        value = self.idf[features] * (1.0 + torch.log(tf)) * feature_mask  # the feature's TF-IDF value
-        norm = (value * value / tf).sum(dim=1, keepdim=True).clamp(min=1e-12).sqrt()  # each feature once
-        return features, value / tf / norm
+        share, tf = occurrence_shares(features, feature_mask, self.idf)
+        norm = (share * share * tf).sum(dim=1, keepdim=True).clamp(min=1e-12).sqrt()  # each feature once
+        return features, share / norm
 
     def tfidf_matrix(self, tokens: TokenizedTexts, rows: list[int]) -> torch.Tensor:
         """The TF-IDF vectors of `rows` as a sparse (rows, features) matrix, for fitting."""
-        parts = []
-        for start in range(0, len(rows), 256):
-            input_ids, attention_mask = tokens.batch(rows[start : start + 256])
-            features, share = self.shares(input_ids.to(self.idf.device), attention_mask.to(self.idf.device))
-            row_ids = torch.arange(features.shape[0], device=features.device)[:, None].expand_as(features)
-            parts.append((row_ids.flatten() + start, features.flatten(), share.flatten()))
-        row_ids, features, share = (torch.cat(column) for column in zip(*parts, strict=True))
-        keep = share != 0
-        indices = torch.stack([row_ids[keep], features[keep]])
-        size = (len(rows), self.weight.shape[0])
-        return torch.sparse_coo_tensor(indices, share[keep], size, check_invariants=False).coalesce()
+
+        def shares(
+            input_ids: torch.Tensor, attention_mask: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.shares(input_ids.to(self.idf.device), attention_mask.to(self.idf.device))
+
+        return sparse_shares(tokens, rows, shares, self.weight.shape[0])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         features, share = self.shares(input_ids, attention_mask)

@@ -17,7 +17,7 @@ from model.electra import (
     replaced_token_loss,
 )
 from model.finetune import class_weights, contrastive_loss
-from model.lexical import LexicalSketch
+from model.lexical import LexicalSketch, sparse_shares
 from model.metrics import retrieval_metrics
 from model.negatives import first_stage_negatives, mine_bm25_negatives
 from model.tokenizer import MASK_ID, SPECIAL_TOKENS
@@ -239,6 +239,12 @@ def test_lexical_sketch_is_the_sublinear_tfidf_vector_projected_and_ignores_padd
     torch.testing.assert_close(sketch(torch.tensor([[2, 7, 9, 7, 3, 44, 45]]), mask), sketch(ids, mask))
     rebuilt = LexicalSketch.from_state(sketch.state_dict(), 16)
     torch.testing.assert_close(rebuilt(ids, mask), sketch(ids, mask))
+    # The sparse TF-IDF rows the table trains on, times the table, are what the graph sums.
+    texts = TokenizedTexts([[2, 7, 9, 7, 3], [2, 11, 3]])
+    matrix = sparse_shares(texts, [0, 1], sketch.shares, 50)
+    torch.testing.assert_close(
+        F.normalize(torch.sparse.mm(matrix, sketch.table), dim=1), sketch(*texts.batch([0, 1]))
+    )
     # Runs saved before the table was learned hold the sketch's columns and signs.
     column, sign = sketch.table.abs().argmax(dim=1), sketch.table.sum(dim=1)
     old = LexicalSketch.from_state({"idf": idf, "column": column, "sign": sign}, 16)
