@@ -215,3 +215,21 @@ def test_the_heads_fit_has_a_bounded_amount_of_work() -> None:
     assert head_iterations(4000) == HEAD_MAX_ITERATIONS  # a few thousand rows: run to convergence
     assert head_iterations(105_952) == 113  # WordNet: the row-iteration budget bounds it
     assert head_iterations(10**9) == 20
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("lexical_dim", "lexical_dim must be"), ("lexical_epochs", "lexical_epochs must be")],
+)
+def test_finetune_embed_refuses_negative_lexical_options(
+    tiny_runs: Any, tmp_path: Path, option: str, message: str
+) -> None:
+    from model.finetune import EmbedOptions, finetune_embed
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "a cat", "positive": "a small feline"}\n')
+    options = EmbedOptions(init=tiny_runs.embed_run, train=pairs, out=tmp_path / "out", progress=False)
+    setattr(options, option, -1)
+    with pytest.raises(ModelError, match=message):
+        finetune_embed(options)
+    assert not (tmp_path / "out").exists()
