@@ -75,10 +75,9 @@ lint: $(BIN)/encoder system-deps
 # encoder, fitted on every training row as one class-weighted logistic regression (L-BFGS): a linear
 # head on its embedding plus a lexical head on the text's TF-IDF of tokens and bigrams -> export fp32 +
 # int8 (parity-gated, int8 also by accuracy on the held-out split). Budgets are steps and iterations,
-# so the result does not depend on how busy the machine is (18 min 47 s measured on 2 idle cores,
-# seed 0, 30 Nov 2026, the lexical table's 1,740 steps included; 24-30 min in earlier, slower
-# measurements: steps vary in speed from process to process). Since 1 Dec the heads' fit runs 300
-# L-BFGS iterations on WordNet instead of 113: 311 s on its own, about 4 minutes more in all. The bundle's manifest
+# so the result does not depend on how busy the machine is (on 2 idle cores: 27-29 min on 1 Dec 2026,
+# seeds 1 and 2, the lexical table's 1,740 steps and the heads' 300 L-BFGS iterations included; the
+# host's speed varies: 18 min 47 s with 113 iterations on 30 Nov). The bundle's manifest
 # holds each step's training summary and the held-out classification and retrieval figures.
 MODEL_RUNS ?= runs/default
 PRETRAIN_STEPS ?= 600

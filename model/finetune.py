@@ -500,8 +500,8 @@ MAX_LEXICAL_BUCKETS = 65536
 DENSE_FEATURE_NORM = 0.5
 # The heads' fit runs at most HEAD_MAX_ITERATIONS L-BFGS iterations (fewer once the gradient vanishes),
 # and at most HEAD_ROW_ITERATIONS / rows, so that its work stays bounded on very large training sets.
-# WordNet's 106k rows get the full 300 (about 5 minutes on 2 cores): its accuracy was 0.785 at 100
-# iterations, 0.790 at 113 (the earlier bound) and 0.795 at 300. Debian's 4,000 rows converge in 120.
+# WordNet's 106k rows get the full 300 (about 5 minutes on 2 cores): accuracy 0.790 at 113 iterations
+# (the earlier bound), 0.795 at 300. Debian's 4,000 rows converge in 120.
 HEAD_MAX_ITERATIONS = 300
 HEAD_ROW_ITERATIONS = 32_000_000
 

@@ -213,7 +213,7 @@ def test_the_heads_fit_has_a_bounded_amount_of_work() -> None:
     from model.finetune import HEAD_MAX_ITERATIONS, head_iterations
 
     assert head_iterations(4000) == HEAD_MAX_ITERATIONS  # a few thousand rows: run to convergence
-    assert head_iterations(105_952) == HEAD_MAX_ITERATIONS  # WordNet's 106k rows: still to convergence
+    assert head_iterations(105_952) == HEAD_MAX_ITERATIONS  # WordNet's 106k rows: the full iteration cap
     assert head_iterations(320_000) == 100  # larger sets: the row-iteration budget bounds the fit
     assert head_iterations(10**9) == 20
 
